@@ -1,0 +1,18 @@
+"""prunetune.methods: pruning algorithms, channel surgery and cost measurement (pure PyTorch).
+
+Every method module is imported here explicitly so that every process (each Ray worker too)
+sees the same registry.
+"""
+from . import l1_norm, random_prune, slimming  # noqa: F401  (registration side effects)
+from .base import PruneContext, PruningMethod
+from .errors import ConfigError, PruneTuneError, SurgeryError
+from .graph import ChannelGroup, DependencyGraph
+from .hyperparameters import Hyperparameter
+from .registry import create_method, get_method_class, list_methods, register_method
+from .surgery import prune_group
+
+__all__ = [
+    "ChannelGroup", "ConfigError", "DependencyGraph", "Hyperparameter", "PruneContext", "PruneTuneError",
+    "PruningMethod", "SurgeryError", "create_method", "get_method_class", "list_methods", "prune_group",
+    "register_method",
+]

@@ -1,0 +1,39 @@
+"""Method registry: ``@register_method`` fills it; ``methods/__init__.py`` imports every method
+module explicitly so each Ray worker sees the same registry."""
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+from .base import PruningMethod
+from .errors import ConfigError
+
+__all__ = ["register_method", "create_method", "list_methods", "get_method_class"]
+
+_REGISTRY: dict[str, type[PruningMethod]] = {}
+T = TypeVar("T", bound=type[PruningMethod])
+
+
+def register_method(name: str) -> Callable[[T], T]:
+    def decorate(cls: T) -> T:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[PruningMethod]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}") from None
+
+
+def create_method(name: str, **hparams: Any) -> PruningMethod:
+    return get_method_class(name)(**hparams)
