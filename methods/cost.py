@@ -1,0 +1,220 @@
+"""Cost measurement: MACs, parameters and wall-clock latency of a model.
+
+Convention (the one the pruning papers use, see METHODS.md "Reference sizes"):
+
+- **MACs** are multiply-accumulates of one forward pass at **batch size 1**.
+- Only ``nn.Conv2d`` and ``nn.Linear`` are counted. A convolution costs
+  ``out_h * out_w * out_channels * (in_channels / groups) * kh * kw`` (grouped and depthwise
+  convolutions included); a linear layer costs ``in_features * out_features`` times any extra
+  leading dimensions of its input. Bias adds, batch norm, activations, pooling and residual adds
+  are not counted (they add < 1% on ResNets and VGG, ~6% on MobileNetV2).
+- **FLOPs = 2 x MACs** (``Cost.flops``); reduction percentages are the same either way.
+- **params** is the number of elements of all parameters (buffers such as BN running statistics
+  are not parameters).
+
+A module may declare its own cost by defining ``macs_hook(input, output) -> int`` (duck-typed; the
+dynamic-pruning gates use it to report what they compute or skip). What it returns is added to the
+total for every call of that module. Its Conv2d/Linear children are still counted by their own
+hooks; if the module itself is a Conv2d or Linear, its ``macs_hook`` replaces the default count.
+
+Pure PyTorch: nothing here knows about Ray, Optuna or MLflow.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Cost", "LatencyResult", "profile", "latency", "count_params"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Cost of one forward pass at batch size 1.
+
+    ``macs``: multiply-accumulates of Conv2d and Linear layers. ``params``: parameter elements.
+    """
+
+    macs: int
+    params: int
+
+    @property
+    def flops(self) -> int:
+        """Floating-point operations under the FLOPs = 2 x MACs convention."""
+        return 2 * self.macs
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Wall-clock latency of a forward pass.
+
+    ``median_s``: median of ``times_s`` (seconds per forward of one batch of ``batch_size``);
+    ``threads``: ``torch.get_num_threads()`` while measuring; ``device``: where it ran.
+    """
+
+    median_s: float
+    times_s: tuple[float, ...]
+    batch_size: int
+    threads: int
+    device: str
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of elements of all parameters of ``model`` (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _conv2d_macs(module: nn.Conv2d, output: torch.Tensor) -> int:
+    kh, kw = module.kernel_size
+    return output.numel() * (module.in_channels // module.groups) * kh * kw
+
+
+def _linear_macs(module: nn.Linear, output: torch.Tensor) -> int:
+    return output.numel() * module.in_features
+
+
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)):
+        for item in x:
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in model.parameters():
+        return tensor.device, tensor.dtype
+    for tensor in model.buffers():
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be a non-empty sequence of positive ints (no batch dim), got {input_shape!r}")
+    return shape
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode; restore each module's own flag afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def profile(model: nn.Module, input_shape: Sequence[int]) -> Cost:
+    """MACs (batch 1, Conv2d + Linear only) and parameter count of ``model``.
+
+    Runs one forward pass on a zeros input of shape ``(1, *input_shape)`` on the model's device and
+    dtype, in eval mode under ``torch.no_grad``; each module's train/eval flag is restored.
+    """
+    shape = _check_shape(input_shape)
+    device, dtype = _device_dtype(model)
+    total = 0
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        nonlocal total
+        custom = getattr(module, "macs_hook", None)
+        if callable(custom):
+            total += int(custom(inputs, output))
+            return
+        out = _first_tensor(output)
+        if out is None:
+            return
+        if isinstance(module, nn.Conv2d):
+            total += _conv2d_macs(module, out)
+        elif isinstance(module, nn.Linear):
+            total += _linear_macs(module, out)
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) or callable(getattr(m, "macs_hook", None))
+    ]
+    try:
+        with _eval_mode(model), torch.no_grad():
+            model(torch.zeros((1, *shape), device=device, dtype=dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    cost = Cost(macs=int(total), params=count_params(model))
+    log.debug("profiled %s at %s: %d MACs, %d params", type(model).__name__, shape, cost.macs, cost.params)
+    return cost
+
+
+def latency(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, *, warmup: int = 3,
+            repeats: int = 10, device: str | torch.device | None = None,
+            threads: int | None = None) -> LatencyResult:
+    """Median wall-clock seconds of a forward pass on a zeros batch ``(batch_size, *input_shape)``.
+
+    ``warmup`` untimed passes precede ``repeats`` timed ones, under ``torch.inference_mode`` in
+    eval mode (each module's flag restored afterwards); CUDA is synchronised around each timed pass.
+    ``device`` defaults to the model's own; a different device moves the model there for the
+    measurement and back afterwards. ``threads`` sets ``torch.set_num_threads`` for the
+    measurement only.
+    """
+    shape = _check_shape(input_shape)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+
+    home, dtype = _device_dtype(model)
+    target = torch.device(device) if device is not None else home
+    moved = target != home
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        if moved:
+            model.to(target)
+        on_cuda = target.type == "cuda"
+
+        def sync() -> None:
+            if on_cuda:
+                torch.cuda.synchronize(target)
+
+        times: list[float] = []
+        with _eval_mode(model), torch.inference_mode():
+            x = torch.zeros((batch_size, *shape), device=target, dtype=dtype)
+            for _ in range(warmup):
+                model(x)
+            sync()
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(x)
+                sync()
+                times.append(time.perf_counter() - start)
+        measured_threads = torch.get_num_threads()
+    finally:
+        if moved:
+            model.to(home)
+        if threads is not None:
+            torch.set_num_threads(old_threads)
+    result = LatencyResult(median_s=float(statistics.median(times)), times_s=tuple(times),
+                           batch_size=batch_size, threads=measured_threads, device=str(target))
+    log.debug("latency of %s on %s (batch %d, %d threads): %.6f s", type(model).__name__, result.device,
+              batch_size, measured_threads, result.median_s)
+    return result

@@ -1,0 +1,114 @@
+"""The training and evaluation loop shared by the base model, every method's training phase and
+the fine-tune. The method's hooks are called at fixed points; the loop itself knows no method."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import PruningMethod
+from methods.errors import PruneTuneError
+
+__all__ = ["EpochStats", "NonFiniteLossError", "train_epoch", "evaluate", "train_steps", "pick_device",
+           "cosine_lr"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(PruneTuneError):
+    """The training loss became NaN or infinite; the trial cannot continue."""
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float
+    accuracy: float
+    seconds: float
+    steps: int
+
+
+def pick_device(use_gpu: bool | None = None) -> torch.device:
+    """CUDA when asked for (or, with None, when present), else CPU."""
+    if use_gpu is None:
+        use_gpu = torch.cuda.is_available()
+    if use_gpu and not torch.cuda.is_available():
+        raise PruneTuneError("a GPU was requested but torch.cuda.is_available() is False")
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
+def _autocast(device: torch.device):
+    # Mixed precision only where it pays: bf16 autocast on CUDA. CPU runs in fp32.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    """Cosine decay from ``base_lr`` to 0 over ``epochs`` (value for the start of ``epoch``)."""
+    return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / max(1, epochs)))
+
+
+def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, device: torch.device,
+                method: PruningMethod | None = None, max_steps: int | None = None) -> EpochStats:
+    """One pass over ``loader`` (or ``max_steps`` batches), calling the method's hooks if given."""
+    model.train()
+    start, total_loss, correct, seen, steps = time.perf_counter(), 0.0, 0, 0, 0
+    for inputs, targets in loader:
+        if max_steps is not None and steps >= max_steps:
+            break
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if device.type == "cuda":
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            logits = model(inputs)
+            loss = F.cross_entropy(logits.float(), targets)
+            if method is not None:
+                extra = method.extra_loss(model, inputs, logits.float(), targets)
+                if extra is not None:
+                    loss = loss + extra
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"training loss became {loss.item()} at step {steps}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if method is not None:
+            method.after_backward(model)
+        optimizer.step()
+        if method is not None:
+            method.after_step(model)
+        steps += 1
+        total_loss += loss.item() * targets.numel()
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += targets.numel()
+    return EpochStats(total_loss / max(1, seen), correct / max(1, seen), time.perf_counter() - start, steps)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, device: torch.device) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) over ``loader`` in eval mode."""
+    model.eval()
+    correct, seen, total_loss = 0, 0, 0.0
+    for inputs, targets in loader:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with _autocast(device):
+            logits = model(inputs).float()
+        total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += targets.numel()
+    return correct / max(1, seen), total_loss / max(1, seen)
+
+
+def train_steps(model: nn.Module, loader, steps: int, *, lr: float, device: torch.device,
+                momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
+    """A short plain-SGD fine-tune of ``steps`` batches (cycling the loader): ThiNet's per-layer
+    recovery and similar uses."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    done = 0
+    while done < steps:
+        stats = train_epoch(model, loader, optimizer, device=device, max_steps=steps - done)
+        if stats.steps == 0:
+            break
+        done += stats.steps
