@@ -3,7 +3,7 @@
 Every method module is imported here explicitly so that every process (each Ray worker too)
 sees the same registry.
 """
-from . import l1_norm, random_prune, slimming  # noqa: F401  (registration side effects)
+from . import csgd, ista, l1_norm, manidp, random_prune, scratch, slimming, thinet  # noqa: F401  (registration)
 from .base import PruneContext, PruningMethod
 from .errors import ConfigError, PruneTuneError, SurgeryError
 from .graph import ChannelGroup, DependencyGraph

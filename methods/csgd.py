@@ -1,0 +1,1 @@
+"""Placeholder: the csgd method is being implemented (see its issue)."""

@@ -1,0 +1,1 @@
+"""Placeholder: the ista method is being implemented (see its issue)."""

@@ -1,0 +1,1 @@
+"""Placeholder: the manidp method is being implemented (see its issue)."""
