@@ -44,6 +44,9 @@ class PruneContext:
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
     finetune: Callable[[nn.Module, int], None] | None = None
     seed: int = 0
+    #: MACs of the original, unexpanded dense model (targets such as Pruning from Scratch's
+    #: MACs reduction are measured against it); None means "the model being pruned".
+    reference_macs: int | None = None
 
 
 class PruningMethod(ABC):
@@ -94,6 +97,15 @@ class PruningMethod(ABC):
 
     def on_epoch_end(self, model: nn.Module, epoch: int, mean_loss: float) -> None:
         """Called after each phase epoch with the epoch's mean training loss."""
+
+    # ---- cost -------------------------------------------------------------------------------------------
+    def measure_macs(self, model: nn.Module, input_shape: tuple[int, ...],
+                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]] = ()) -> float:
+        """MACs of the pruned model at batch 1. Dynamic methods override this with the average
+        over ``batches`` (the evaluation set) of the channels each input really uses."""
+        from .cost import profile
+
+        return profile(model, input_shape).macs
 
     # ---- checkpointed method state ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,193 @@
+"""One trial, as a plain function: dense base (or random init) -> the method's training phase ->
+surgery -> fine-tune -> evaluation. It knows nothing of Ray: ``trainables.tune_trainable`` wraps it
+for Tune, and the benchmarks call it in a plain loop.
+
+Epochs are numbered across the two stages (``phase`` then ``finetune``); after every epoch the
+trial calls ``report(metrics, save)`` where ``save(dir)`` writes a checkpoint into ``dir``.
+Resuming from such a checkpoint continues with the next epoch and ends with the same number of
+epochs as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from methods import PruneContext, create_method
+from methods.base import PruningMethod
+from methods.cost import count_params, latency, profile
+
+from .base_model import base_model_dir, build_model
+from .data import make_loader
+from .model_io import load_model, model_spec, save_model
+from .settings import TrainSettings, TrialSettings
+from .train import NonFiniteLossError, cosine_lr, evaluate, pick_device, train_epoch, train_steps
+from .workspace import load_data
+
+__all__ = ["run_trial", "TrialSettings", "Reporter", "STATE_FILE", "MODEL_DIR"]
+
+log = logging.getLogger(__name__)
+Reporter = Callable[[dict[str, Any], Callable[[Path], None]], None]
+STATE_FILE, MODEL_DIR, PHASE_WEIGHTS = "state.pt", "model", "phase_model.pt"
+
+
+@dataclass
+class _Plan:
+    phase_epochs: int
+    finetune: TrainSettings
+
+    @property
+    def total(self) -> int:
+        return self.phase_epochs + self.finetune.epochs
+
+
+def _plan(settings: TrialSettings, method: PruningMethod) -> _Plan:
+    if method.from_scratch:
+        # The pruned architecture trains from fresh weights, with the whole budget the
+        # pre-train-then-prune methods get (base epochs + fine-tune epochs) at the base rate.
+        ft = TrainSettings(epochs=settings.base.epochs + settings.finetune.epochs, lr=settings.base.lr,
+                           momentum=settings.base.momentum, weight_decay=settings.base.weight_decay,
+                           batch_size=settings.base.batch_size)
+    else:
+        ft = settings.finetune
+    return _Plan(method.phase_epochs, ft)
+
+
+def _start_model(settings: TrialSettings, method: PruningMethod) -> torch.nn.Module:
+    if method.from_scratch:
+        torch.manual_seed(settings.seed)
+        return build_model(settings, width_mult=method.hparams.get("expansion"))
+    model, _ = load_model(base_model_dir(settings))
+    return model
+
+
+def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any], report: Reporter,
+              resume_from: Path | None = None) -> dict[str, Any]:
+    """Run one trial to the end and return its final metrics (also passed to ``report``)."""
+    method = create_method(method_name, **hparams)
+    device = pick_device(settings.use_gpu)
+    data = load_data(settings)
+    input_shape = tuple(data.input_shape)
+    plan = _plan(settings, method)
+    train_loader = make_loader(data.train, plan.finetune.batch_size, shuffle=True, seed=settings.seed)
+    val_loader = make_loader(data.val, 256, shuffle=False)
+    dense_macs = profile(_reference_model(settings), input_shape).macs
+    spec_kwargs = {k: v for k, v in settings.model_kwargs.items() if k != "weights"}
+    if method.from_scratch and method.hparams.get("expansion"):
+        spec_kwargs["width_mult"] = spec_kwargs.get("width_mult", 1.0) * method.hparams["expansion"]
+
+    def spec(m):
+        return model_spec(m, settings.model, data.num_classes, in_channels=input_shape[0], **spec_kwargs)
+
+    state: dict[str, Any] = {"epoch": 0, "history": [], "failed": None}
+    if resume_from is not None:
+        state = torch.load(Path(resume_from) / STATE_FILE, map_location="cpu", weights_only=True)
+        if state.get("failed"):
+            raise NonFiniteLossError(f"trial already failed before this restart: {state['failed']}")
+        log.info("resuming %s at epoch %d/%d", method_name, state["epoch"], plan.total)
+
+    torch.manual_seed(settings.seed + state["epoch"])
+    pruned = state["epoch"] >= plan.phase_epochs and resume_from is not None
+    if pruned:
+        model, _ = load_model(Path(resume_from) / MODEL_DIR)
+    else:
+        model = method.prepare(_start_model(settings, method))
+        if resume_from is not None:
+            model.load_state_dict(torch.load(Path(resume_from) / PHASE_WEIGHTS, map_location="cpu", weights_only=True))
+            method.load_state_dict(state["method"])
+    model.to(device)
+    optimizer = (torch.optim.SGD(model.parameters(), lr=plan.finetune.lr, momentum=plan.finetune.momentum,
+                                 weight_decay=plan.finetune.weight_decay) if pruned else
+                 method.make_optimizer(model, lr=settings.finetune.lr, momentum=settings.finetune.momentum,
+                                       weight_decay=settings.finetune.weight_decay))
+    if resume_from is not None and state.get("optimizer"):
+        optimizer.load_state_dict(state["optimizer"])
+
+    def prune_now():
+        nonlocal model, optimizer, pruned
+        t0 = time.perf_counter()
+        calibration = [b for _, b in zip(range(settings.calibration_batches), train_loader)]
+        context = PruneContext(
+            input_shape, device=device, calibration=calibration, seed=settings.seed,
+            finetune=lambda m, steps: train_steps(m, train_loader, steps, lr=settings.finetune.lr, device=device),
+            reference_macs=dense_macs,
+        )
+        model = method.prune(model, context).to(device)
+        pruned = True
+        optimizer = torch.optim.SGD(model.parameters(), lr=plan.finetune.lr, momentum=plan.finetune.momentum,
+                                    weight_decay=plan.finetune.weight_decay)
+        log.info("%s pruned in %.1fs", method_name, time.perf_counter() - t0)
+
+    if not pruned and plan.phase_epochs == 0:
+        prune_now()
+
+    metrics: dict[str, Any] = {}
+    while state["epoch"] < plan.total:
+        epoch = state["epoch"]
+        stage = "phase" if epoch < plan.phase_epochs else "finetune"
+        if stage == "finetune":
+            ft_epoch = epoch - plan.phase_epochs
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(plan.finetune.lr, ft_epoch, plan.finetune.epochs)
+        try:
+            stats = train_epoch(model, train_loader, optimizer, device=device,
+                                method=method if stage == "phase" else None)
+        except NonFiniteLossError as exc:
+            state["failed"] = str(exc)
+            report({"epoch": epoch + 1, "stage": stage, "nonfinite": 1}, lambda d: _save(d, state, model, optimizer, method, pruned, spec))
+            raise
+        if stage == "phase":
+            method.on_epoch_end(model, epoch, stats.loss)
+        if stage == "phase" and epoch + 1 == plan.phase_epochs:
+            prune_now()
+        accuracy, val_loss = evaluate(model, val_loader, device=device)
+        state["epoch"] = epoch + 1
+        metrics = {"epoch": epoch + 1, "stage": stage, "loss": stats.loss, "train_accuracy": stats.accuracy,
+                   "accuracy": accuracy, "val_loss": val_loss,
+                   "macs": _macs(method, model, input_shape, val_loader, pruned, dense_macs),
+                   "params": count_params(model), "epoch_seconds": stats.seconds}
+        if state["epoch"] == plan.total:
+            metrics.update(_final_metrics(model, data, input_shape, settings, device, dense_macs))
+        state["history"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        report(metrics, lambda d: _save(d, state, model, optimizer, method, pruned, spec))
+    if not metrics:  # nothing left to run (resumed after the last epoch, or a zero-epoch plan)
+        metrics = {"epoch": state["epoch"], "stage": "finetune", **_final_metrics(model, data, input_shape, settings, device, dense_macs)}
+        metrics["accuracy"], _ = evaluate(model, val_loader, device=device)
+        metrics["macs"] = _macs(method, model, input_shape, val_loader, pruned, dense_macs)
+        metrics["params"] = count_params(model)
+        report(metrics, lambda d: _save(d, state, model, optimizer, method, pruned, spec))
+    return metrics
+
+
+def _reference_model(settings: TrialSettings) -> torch.nn.Module:
+    """The unpruned, unexpanded architecture every MACs reduction is measured against."""
+    return build_model(settings)
+
+
+def _macs(method, model, input_shape, val_loader, pruned, dense_macs) -> float:
+    if not pruned:
+        return float(dense_macs)
+    return float(method.measure_macs(model, input_shape, val_loader))
+
+
+def _final_metrics(model, data, input_shape, settings, device, dense_macs) -> dict[str, Any]:
+    test_accuracy, _ = evaluate(model, make_loader(data.test, 256, shuffle=False), device=device)
+    cpu_model = model.to("cpu")
+    lat = latency(cpu_model, input_shape, batch_size=settings.latency_batch_size, warmup=2, repeats=5)
+    model.to(device)
+    return {"test_accuracy": test_accuracy, "latency_ms": lat.median_s * 1000.0, "dense_macs": float(dense_macs)}
+
+
+def _save(directory: Path, state: dict, model, optimizer, method: PruningMethod, pruned: bool, spec) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    full = dict(state, optimizer=optimizer.state_dict(), method=method.state_dict(), pruned=pruned)
+    if pruned:
+        save_model(model, directory / MODEL_DIR, spec(model))
+    else:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, directory / PHASE_WEIGHTS)
+    torch.save(full, directory / STATE_FILE)
