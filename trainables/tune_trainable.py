@@ -1,0 +1,52 @@
+"""The Ray Tune function trainable: one call per trial, reporting metrics and a checkpoint every
+epoch and resuming from ``ray.tune.get_checkpoint()`` after a failure or a driver restart.
+
+The trial config holds ``method`` and that method's hyperparameters as ``"<method>.<name>"`` keys
+(the Optuna space names them so, because each method declares its own ranges).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from .settings import TrialSettings
+from .trial import run_trial
+
+__all__ = ["trial_fn", "method_hparams"]
+
+log = logging.getLogger(__name__)
+
+
+def method_hparams(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Split a trial config into the method name and its own hyperparameters."""
+    method = config["method"]
+    prefix = method + "."
+    return method, {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
+
+
+def trial_fn(config: dict[str, Any], settings: TrialSettings) -> None:
+    """Entry point Tune calls (wrapped with ``tune.with_parameters(trial_fn, settings=...)``)."""
+    method, hparams = method_hparams(config)
+    # Ray starts workers with a thread count of its own choosing; use the CPUs this trial holds.
+    import torch
+
+    cpus = int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1) or 1)
+    torch.set_num_threads(max(1, cpus))
+
+    def report(metrics: dict[str, Any], save) -> None:
+        with tempfile.TemporaryDirectory(prefix="prunetune-ckpt-") as tmp:
+            save(Path(tmp))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        run_trial(settings, method, hparams, report)
+        return
+    with checkpoint.as_directory() as ckpt_dir:
+        log.info("trial %s restarts from %s", os.environ.get("TUNE_TRIAL_ID", "?"), ckpt_dir)
+        run_trial(settings, method, hparams, report, resume_from=Path(ckpt_dir))
