@@ -2,11 +2,11 @@
 hyperparameters (declared in ``methods/``, narrowed by the sweep config) are conditional on it."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from methods.hyperparameters import Hyperparameter
 
-__all__ = ["make_space", "suggest"]
+__all__ = ["make_space", "suggest", "DefineByRun"]
 
 
 def suggest(trial, name: str, hp: Hyperparameter) -> Any:
@@ -22,20 +22,26 @@ def suggest(trial, name: str, hp: Hyperparameter) -> Any:
     return trial.suggest_float(name, hp.low, hp.high, log=hp.log)
 
 
-def make_space(space: dict[str, dict[str, Hyperparameter]]) -> Callable:
-    """``space`` maps method -> {name: Hyperparameter}. Returns the define-by-run function
-    ``OptunaSearch(space=...)`` wants; it returns the fixed values as constants so they reach the
-    trial config too."""
-    methods = sorted(space)
+class DefineByRun:
+    """The define-by-run function ``OptunaSearch(space=...)`` wants, as a picklable object (Tune
+    pickles the searcher into its experiment state). ``space`` maps method -> {name:
+    Hyperparameter}; fixed values are returned as constants so they reach the trial config too."""
 
-    def define(trial) -> dict[str, Any]:
-        method = methods[0] if len(methods) == 1 else trial.suggest_categorical("method", methods)
-        constants: dict[str, Any] = {"method": method} if len(methods) == 1 else {}
-        for name, hp in space[method].items():
+    def __init__(self, space: dict[str, dict[str, Hyperparameter]]):
+        self.space = space
+        self.methods = sorted(space)
+
+    def __call__(self, trial) -> dict[str, Any]:
+        single = len(self.methods) == 1
+        method = self.methods[0] if single else trial.suggest_categorical("method", self.methods)
+        constants: dict[str, Any] = {"method": method} if single else {}
+        for name, hp in self.space[method].items():
             key = f"{method}.{name}"
             value = suggest(trial, key, hp)
             if hp.fixed:
                 constants[key] = value
         return constants
 
-    return define
+
+def make_space(space: dict[str, dict[str, Hyperparameter]]) -> DefineByRun:
+    return DefineByRun(space)

@@ -1,0 +1,117 @@
+"""The ``prunetune`` command line: run, resume, fronts, promote, methods.
+
+Bad input (config fields, paths) is reported as one line on stderr with exit code 2, before Ray or
+MLflow start.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+log = logging.getLogger("prunetune")
+USAGE_ERROR = 2
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("matplotlib", "alembic", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_run(args) -> int:
+    from .config import load_config
+    from .sweep import run_sweep
+
+    cfg = load_config(args.config, args.set or [])
+    result = run_sweep(cfg)
+    _print_result(result, cfg.tracking_uri)
+    return 0
+
+
+def _cmd_resume(args) -> int:
+    from .sweep import resume_sweep
+
+    result = resume_sweep(args.experiment_dir)
+    _print_result(result, None)
+    return 0
+
+
+def _print_result(result, tracking_uri) -> None:
+    out = sys.stdout
+    out.write(f"\nsweep directory: {result.experiment_dir}\n")
+    out.write(f"MLflow parent run: {result.parent_run_id}\n")
+    out.write(f"trials finished: {result.finished}, failed: {result.failed}, hypervolume: {result.hypervolume:.6g}\n")
+    out.write("Pareto front (validation accuracy vs MACs):\n")
+    out.write(f"  {'method':<10} {'accuracy':>9} {'test acc':>9} {'MACs':>12} {'params':>10} {'latency ms':>11}  run\n")
+    for p in result.front:
+        out.write(f"  {p.method:<10} {p.accuracy:>9.4f} {p.test_accuracy:>9.4f} {int(p.macs):>12,} {int(p.params):>10,} "
+                  f"{p.latency_ms:>11.3f}  {p.run_id}\n")
+    if tracking_uri:
+        out.write(f"\nlook at it: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1\n")
+
+
+def _cmd_methods(args) -> int:
+    import methods
+
+    for name in methods.list_methods():
+        cls = methods.get_method_class(name)
+        flags = [f for f, on in (("from scratch", cls.from_scratch), ("dynamic", cls.dynamic)) if on]
+        print(f"{name}{' (' + ', '.join(flags) + ')' if flags else ''}")
+        for hp in cls.hyperparameters:
+            if hp.kind == "categorical":
+                rng = "{" + ", ".join(map(str, hp.choices)) + "}"
+            else:
+                rng = f"[{hp.low:g}, {hp.high:g}]{' log' if hp.log else ''}"
+            print(f"    {hp.name:<18} {hp.kind:<11} {rng:<24} default {hp.default!r}  {hp.doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunetune", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a sweep from a YAML config")
+    run.add_argument("config", help="sweep config (YAML), e.g. configs/quickstart.yaml")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a config key (dotted for nesting; value parsed as YAML); repeatable")
+    run.set_defaults(func=_cmd_run)
+
+    resume = sub.add_parser("resume", help="continue an interrupted sweep")
+    resume.add_argument("experiment_dir", help="the sweep directory printed by `prunetune run`")
+    resume.set_defaults(func=_cmd_resume)
+
+    meth = sub.add_parser("methods", help="list the pruning methods and their search spaces")
+    meth.set_defaults(func=_cmd_methods)
+
+    try:
+        from .compare import add_fronts_command
+        from .promote import add_promote_command
+    except ImportError:  # not yet built
+        pass
+    else:
+        add_fronts_command(sub)
+        add_promote_command(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from methods.errors import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"prunetune: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""MLflow records, written by the driver only: one parent run per sweep, one child run per trial.
+
+``MLflowTrialLogger`` is a Ray Tune callback: per-epoch metrics land in the trial's child run as
+they arrive (step = epoch), and at the end the child gets the final metrics, the pruned model's
+weights + spec as artifacts, and status FINISHED or FAILED (with the reason as a tag). A child is
+found again by its ``prunetune.trial_id`` tag, so a restarted trial or a resumed sweep keeps one
+run per trial.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+__all__ = ["MLflowTrialLogger", "open_parent_run", "child_runs", "TRIAL_TAG", "PARENT_TAG", "SWEEP_TAG"]
+
+log = logging.getLogger(__name__)
+TRIAL_TAG, PARENT_TAG, SWEEP_TAG = "prunetune.trial_id", "mlflow.parentRunId", "prunetune.sweep"
+LOGGED_METRICS = ("loss", "train_accuracy", "accuracy", "val_loss", "macs", "params", "epoch_seconds",
+                  "test_accuracy", "latency_ms", "dense_macs")
+
+
+def _param_value(v: Any) -> str:
+    return str(v)[:6000]
+
+
+def open_parent_run(client: MlflowClient, experiment: str, parent_run_id: str | None, params: dict[str, Any],
+                    tags: dict[str, str]) -> str:
+    """Reuse ``parent_run_id`` if given (a resumed sweep), else create the sweep's parent run."""
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    if parent_run_id:
+        client.update_run(parent_run_id, status="RUNNING")
+        return parent_run_id
+    run = client.create_run(exp_id, run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags={SWEEP_TAG: "true", **tags})
+    client.log_batch(run.info.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+    return run.info.run_id
+
+
+def child_runs(client: MlflowClient, parent_run_id: str) -> list:
+    """Every trial run of a sweep (any status)."""
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              max_results=50000)
+
+
+class MLflowTrialLogger(Callback):
+    def __init__(self, tracking_uri: str, parent_run_id: str):
+        self.tracking_uri = tracking_uri
+        self.parent_run_id = parent_run_id
+        self._client: MlflowClient | None = None
+        self._runs: dict[str, str] = {}
+        self._done: set[str] = set()
+
+    # Tune pickles callbacks into its experiment state; the client is rebuilt on demand.
+    def __getstate__(self):
+        return {"tracking_uri": self.tracking_uri, "parent_run_id": self.parent_run_id}
+
+    def __setstate__(self, state):
+        self.__init__(state["tracking_uri"], state["parent_run_id"])
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+            for run in child_runs(self._client, self.parent_run_id):
+                tid = run.data.tags.get(TRIAL_TAG)
+                if tid:
+                    self._runs[tid] = run.info.run_id
+                    if run.info.status in ("FINISHED", "FAILED"):
+                        self._done.add(tid)
+        return self._client
+
+    def _run_for(self, trial) -> str:
+        client = self.client
+        tid = trial.trial_id
+        if tid not in self._runs:
+            exp_id = client.get_run(self.parent_run_id).info.experiment_id
+            method = trial.config.get("method", "?")
+            run = client.create_run(exp_id, run_name=f"{method}-{tid}", tags={
+                PARENT_TAG: self.parent_run_id, TRIAL_TAG: tid, "method": method})
+            prefix = method + "."
+            params = [Param("method", method)] + [
+                Param(k[len(prefix):], _param_value(v)) for k, v in sorted(trial.config.items()) if k.startswith(prefix)]
+            client.log_batch(run.info.run_id, params=params)
+            self._runs[tid] = run.info.run_id
+        return self._runs[tid]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_for(trial)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(result[k]), now, step) for k in LOGGED_METRICS
+                   if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))]
+        tags = [RunTag("stage", str(result.get("stage", "")))]
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        if trial.trial_id in self._done:
+            return
+        try:
+            self._log_model(trial, run_id)
+        except Exception as exc:  # a missing artifact must not lose the run's metrics
+            log.warning("could not log the model of trial %s: %s", trial.trial_id, exc)
+        self.client.set_terminated(run_id, status="FINISHED")
+        self._done.add(trial.trial_id)
+        result = trial.last_result or {}
+        log.info("trial %s (%s) finished: accuracy %.4f, MACs %.3g", trial.trial_id, trial.config.get("method"),
+                 result.get("accuracy", float("nan")), result.get("macs", float("nan")))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        reason = _error_text(trial)
+        self.client.set_tag(run_id, "failure_reason", reason[-4000:])
+        self.client.set_terminated(run_id, status="FAILED")
+        self._done.add(trial.trial_id)
+        log.warning("trial %s (%s) failed: %s", trial.trial_id, trial.config.get("method"), reason.strip().splitlines()[-1] if reason.strip() else "?")
+
+    def _log_model(self, trial, run_id: str) -> None:
+        checkpoint = trial.checkpoint
+        if checkpoint is None:
+            return
+        with tempfile.TemporaryDirectory(prefix="prunetune-art-") as tmp:
+            local = Path(checkpoint.to_directory(os.path.join(tmp, "ckpt")))
+            if (local / "model").is_dir():
+                self.client.log_artifacts(run_id, str(local / "model"), "model")
+
+
+def _error_text(trial) -> str:
+    try:
+        path = trial.error_file
+        if path and os.path.exists(path):
+            return Path(path).read_text()
+    except Exception:
+        pass
+    return str(getattr(trial, "error_msg", "") or "unknown error")
