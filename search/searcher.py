@@ -1,6 +1,6 @@
-"""Ray's OptunaSearch, with the one fix multi-objective pruning sweeps need: a trial that errored or
-stopped before its last epoch is told to Optuna as FAIL or PRUNED, never as COMPLETE with the
-under-trained values of its last epoch (what the stock searcher does)."""
+"""Ray's OptunaSearch, with the one fix multi-objective pruning sweeps need: a trial that errored
+(or whose loss became NaN) or stopped before its last epoch is told to Optuna as FAIL or PRUNED,
+never as COMPLETE with the under-trained values of its last epoch (what the stock searcher does)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -30,8 +30,8 @@ class ParetoOptunaSearch(OptunaSearch):
         super().__init__(space=space, metric=OBJECTIVES, mode=MODES, sampler=sampler, seed=seed)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        if error:
-            result = None  # told FAIL, whatever its last epoch reported
+        if error or (result is not None and result.get("nonfinite")):
+            result, error = None, True  # told FAIL, whatever its last epoch reported
         elif result is not None and FINAL_KEY not in result:
             result = None  # stopped early: told PRUNED
         super().on_trial_complete(trial_id, result=result, error=error)

@@ -77,7 +77,7 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
     from .fronts import record_front
     from .searcher import ParetoOptunaSearch, make_sampler
     from .space import make_space
-    from .tracking import MLflowTrialLogger, open_parent_run
+    from .tracking import MLflowTrialLogger, child_runs, open_parent_run
 
     client = MlflowClient(cfg.tracking_uri)
     parent = open_parent_run(client, cfg.name, parent_run_id, _flatten(cfg.to_dict()),
@@ -91,10 +91,13 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
     try:
         settings = settings_from_config(cfg)
         res = cfg.resources_per_trial
-        base_task = ray.remote(num_cpus=res.cpu, num_gpus=math.ceil(res.gpu))(ensure_base_model)
         log.info("dense base model: training or reusing %s on %s", cfg.model, cfg.dataset)
         t0 = time.perf_counter()
-        _, base_metrics = ray.get(base_task.remote(settings))
+        if cfg.address:  # on a cluster: train where the trials' resources (GPUs) are
+            base_task = ray.remote(num_cpus=res.cpu, num_gpus=math.ceil(res.gpu))(ensure_base_model)
+            _, base_metrics = ray.get(base_task.remote(settings))
+        else:  # embedded: this process already has torch loaded; a new worker would import it again
+            _, base_metrics = ensure_base_model(settings)
         log.info("dense base ready in %.1fs: val accuracy %.4f", time.perf_counter() - t0, base_metrics["accuracy"])
         client.log_metric(parent, "base_accuracy", base_metrics["accuracy"])
         client.log_metric(parent, "base_test_accuracy", base_metrics["test_accuracy"])
@@ -118,7 +121,7 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
                     callbacks=[tracker], verbose=1),
             )
         results = tuner.fit()
-        failed = sum(1 for r in results if r.error is not None)
+        failed = sum(1 for r in child_runs(client, parent) if r.info.status == "FAILED")
         from trainables.base_model import build_model  # noqa: F401  (dense MACs for the reference)
         from methods.cost import profile
         from trainables.workspace import load_data

@@ -110,19 +110,23 @@ class MLflowTrialLogger(Callback):
         run_id = self._run_for(trial)
         if trial.trial_id in self._done:
             return
+        result = trial.last_result or {}
+        if result.get("nonfinite"):
+            self._fail(trial, run_id, str(result.get("failure_reason", "non-finite loss")))
+            return
         try:
             self._log_model(trial, run_id)
         except Exception as exc:  # a missing artifact must not lose the run's metrics
             log.warning("could not log the model of trial %s: %s", trial.trial_id, exc)
         self.client.set_terminated(run_id, status="FINISHED")
         self._done.add(trial.trial_id)
-        result = trial.last_result or {}
         log.info("trial %s (%s) finished: accuracy %.4f, MACs %.3g", trial.trial_id, trial.config.get("method"),
                  result.get("accuracy", float("nan")), result.get("macs", float("nan")))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
-        reason = _error_text(trial)
+        self._fail(trial, self._run_for(trial), _error_text(trial))
+
+    def _fail(self, trial, run_id: str, reason: str) -> None:
         self.client.set_tag(run_id, "failure_reason", reason[-4000:])
         self.client.set_terminated(run_id, status="FAILED")
         self._done.add(trial.trial_id)

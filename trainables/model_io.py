@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from methods.manidp_gates import apply_gating, gating_spec
 from methods.spec import apply_architecture, architecture_spec
 
 from .models import create_model
@@ -20,8 +21,12 @@ WEIGHTS, SPEC = "weights.pt", "spec.json"
 
 
 def model_spec(model: nn.Module, name: str, num_classes: int, **model_kwargs: Any) -> dict[str, Any]:
-    return {"format": 1, "model": name, "num_classes": num_classes, "kwargs": model_kwargs,
+    spec = {"format": 1, "model": name, "num_classes": num_classes, "kwargs": model_kwargs,
             "layers": architecture_spec(model)}
+    gating = gating_spec(model)  # dynamic (manidp) models: which blocks carry channel gates
+    if gating is not None:
+        spec["gating"] = gating
+    return spec
 
 
 def save_model(model: nn.Module, directory: str | Path, spec: dict[str, Any]) -> Path:
@@ -43,6 +48,8 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     spec = json.loads((directory / SPEC).read_text())
     kwargs = {k: v for k, v in spec["kwargs"].items() if k != "weights"}
     model = create_model(spec["model"], spec["num_classes"], **kwargs)
+    if spec.get("gating"):
+        apply_gating(model, spec["gating"])  # insert the gates before their widths and weights
     apply_architecture(model, spec["layers"])
     state = torch.load(directory / WEIGHTS, map_location=map_location, weights_only=True)
     model.load_state_dict(state)

@@ -10,6 +10,7 @@ epochs as an uninterrupted run.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,11 +84,9 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
     def spec(m):
         return model_spec(m, settings.model, data.num_classes, in_channels=input_shape[0], **spec_kwargs)
 
-    state: dict[str, Any] = {"epoch": 0, "history": [], "failed": None}
+    state: dict[str, Any] = {"epoch": 0, "history": []}
     if resume_from is not None:
         state = torch.load(Path(resume_from) / STATE_FILE, map_location="cpu", weights_only=True)
-        if state.get("failed"):
-            raise NonFiniteLossError(f"trial already failed before this restart: {state['failed']}")
         log.info("resuming %s at epoch %d/%d", method_name, state["epoch"], plan.total)
 
     torch.manual_seed(settings.seed + state["epoch"])
@@ -137,9 +136,14 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
             stats = train_epoch(model, train_loader, optimizer, device=device,
                                 method=method if stage == "phase" else None)
         except NonFiniteLossError as exc:
-            state["failed"] = str(exc)
-            report({"epoch": epoch + 1, "stage": stage, "nonfinite": 1}, lambda d: _save(d, state, model, optimizer, method, pruned, spec))
-            raise
+            # The trial ends here, recorded as failed (searcher: FAIL; MLflow: FAILED with the
+            # reason). It returns instead of raising so Tune neither retries a deterministic
+            # failure nor throws away the worker. Metrics are NaN: Tune insists they are present.
+            log.warning("%s: %s", method_name, exc)
+            metrics = {"epoch": epoch + 1, "stage": stage, "nonfinite": 1, "failure_reason": str(exc),
+                       "accuracy": math.nan, "macs": math.nan}
+            report(metrics, lambda d: None)
+            return metrics
         if stage == "phase":
             method.on_epoch_end(model, epoch, stats.loss)
         if stage == "phase" and epoch + 1 == plan.phase_epochs:

@@ -41,7 +41,8 @@ def trial_fn(config: dict[str, Any], settings: TrialSettings) -> None:
     def report(metrics: dict[str, Any], save) -> None:
         with tempfile.TemporaryDirectory(prefix="prunetune-ckpt-") as tmp:
             save(Path(tmp))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            has_files = any(Path(tmp).iterdir())
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp) if has_files else None)
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:

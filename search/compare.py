@@ -1,0 +1,247 @@
+"""Compare accuracy-versus-MACs fronts: several sweeps overlaid, or the methods of one sweep.
+
+``prunetune fronts EXPERIMENT [EXPERIMENT ...]`` where EXPERIMENT is a sweep directory (it holds
+``STATE_FILE``, which names the parent run and the tracking URI) or an MLflow experiment name (its
+latest parent run tagged ``prunetune.sweep=true``, looked up under ``--tracking-uri``).
+
+With several experiments each sweep is one series; with ``--by-method`` or a single experiment each
+method of each sweep is one. Every series' front is plotted in one PNG and printed as a table, with
+its hypervolume against ONE reference shared by all series (zero accuracy, the largest dense-model
+MACs of the sweeps), so the numbers are comparable.
+
+``resolve_sweep`` (shared with ``search.promote``) turns an EXPERIMENT argument into a
+:class:`SweepRef`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+from urllib.parse import unquote, urlparse
+
+from mlflow.tracking import MlflowClient
+
+from methods.errors import ConfigError
+
+from .fronts import DIRECTIONS, TrialPoint, plot_fronts, sweep_points
+from .pareto import front, hypervolume
+from .sweep import STATE_FILE
+from .tracking import SWEEP_TAG, child_runs
+
+__all__ = ["SweepRef", "FrontSeries", "resolve_sweep", "collect_fronts", "compare_fronts", "format_table",
+           "add_fronts_command", "DEFAULT_TRACKING_URI"]
+
+log = logging.getLogger(__name__)
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT_DIR_TAG = "prunetune.experiment_dir"
+
+
+@dataclass(frozen=True)
+class SweepRef:
+    """Where one sweep's records live."""
+
+    label: str                      # what the user typed, shortened: the directory's or experiment's name
+    tracking_uri: str
+    parent_run_id: str
+    experiment_name: str
+    experiment_dir: Path | None = None
+    config: dict[str, Any] | None = None  # from STATE_FILE, when the sweep directory is known
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+
+@dataclass(frozen=True)
+class FrontSeries:
+    """One plotted series: all its trials, their front (cheapest first) and its hypervolume."""
+
+    label: str
+    sweep: str
+    points: list[TrialPoint] = field(default_factory=list)
+    front: list[TrialPoint] = field(default_factory=list)
+    hypervolume: float = math.nan
+
+
+# ---- resolving EXPERIMENT arguments -----------------------------------------------------------------------
+def _read_state(directory: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((directory / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"sweep directory {str(directory)!r}: cannot read {STATE_FILE}: {exc}") from None
+    for key in ("parent_run_id", "tracking_uri"):
+        if not state.get(key):
+            raise ConfigError(f"sweep directory {str(directory)!r}: {STATE_FILE} has no {key!r}")
+    return state
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores or in-memory databases)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None
+    path = unquote(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def resolve_sweep(source: str | Path, tracking_uri: str | None = None) -> SweepRef:
+    """A sweep directory (with ``STATE_FILE``) or an MLflow experiment name -> :class:`SweepRef`.
+
+    For a sweep directory its own tracking URI wins (``tracking_uri`` is ignored); for an
+    experiment name ``tracking_uri`` (default ``sqlite:///mlflow.db``) is searched for the latest
+    parent run tagged ``prunetune.sweep=true``. Anything else raises ``ConfigError`` naming it.
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / STATE_FILE).is_file():
+            raise ConfigError(f"unknown experiment {text!r}: the directory has no {STATE_FILE} "
+                              "(not a prunetune sweep directory)")
+        state = _read_state(path)
+        client = MlflowClient(state["tracking_uri"])
+        try:
+            run = client.get_run(state["parent_run_id"])
+        except Exception as exc:  # noqa: BLE001  (MlflowException: the run is not in that store)
+            raise ConfigError(f"sweep directory {text!r}: parent run {state['parent_run_id']} not found in "
+                              f"{state['tracking_uri']} ({type(exc).__name__})") from None
+        exp = client.get_experiment(run.info.experiment_id)
+        return SweepRef(path.resolve().name, state["tracking_uri"], state["parent_run_id"], exp.name,
+                        path.resolve(), state.get("config"))
+
+    uri = tracking_uri or DEFAULT_TRACKING_URI
+    db = _sqlite_path(uri)
+    if db is not None and not db.is_file():  # don't create an empty database just to find nothing
+        raise ConfigError(f"unknown experiment {text!r}: not a sweep directory, and there is no MLflow database "
+                          f"at {uri} (pass --tracking-uri)")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(text)
+    if exp is None:
+        raise ConfigError(f"unknown experiment {text!r}: not a sweep directory nor an MLflow experiment in {uri}")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = 'true'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ConfigError(f"experiment {text!r} in {uri} has no prunetune sweep run (tag {SWEEP_TAG}=true)")
+    run = runs[0]
+    exp_dir = run.data.tags.get(EXPERIMENT_DIR_TAG)
+    config = None
+    if exp_dir and (Path(exp_dir) / STATE_FILE).is_file():
+        try:
+            state = _read_state(Path(exp_dir))
+        except ConfigError:
+            state = {}
+        if state.get("parent_run_id") == run.info.run_id:
+            config = state.get("config")
+    return SweepRef(text, uri, run.info.run_id, exp.name, Path(exp_dir) if exp_dir else None, config)
+
+
+def dense_macs(client: MlflowClient, parent_run_id: str) -> float:
+    """The dense model's MACs as the sweep's trials recorded them (NaN if none did)."""
+    values = [r.data.metrics["dense_macs"] for r in child_runs(client, parent_run_id)
+              if math.isfinite(r.data.metrics.get("dense_macs", math.nan))]
+    return max(values) if values else math.nan
+
+
+# ---- collecting and comparing -------------------------------------------------------------------------------
+def _front_of(points: Sequence[TrialPoint]) -> list[TrialPoint]:
+    idx = front([p.objectives for p in points], DIRECTIONS) if points else []
+    return sorted((points[i] for i in idx), key=lambda p: (p.macs, -p.accuracy))
+
+
+def _unique_labels(refs: Sequence[SweepRef]) -> list[str]:
+    labels = [r.label for r in refs]
+    return [f"{lab}@{r.parent_run_id[:8]}" if labels.count(lab) > 1 else lab for lab, r in zip(labels, refs)]
+
+
+def collect_fronts(sources: Sequence[str | Path], by_method: bool = False,
+                   tracking_uri: str | None = None) -> tuple[list[FrontSeries], tuple[float, float]]:
+    """Series (one per sweep, or per method) and the common hypervolume reference they were scored on."""
+    if not sources:
+        raise ConfigError("fronts: give at least one experiment (a sweep directory or an MLflow experiment name)")
+    refs = [resolve_sweep(s, tracking_uri) for s in sources]
+    split = by_method or len(refs) == 1
+    raw: list[tuple[str, str, list[TrialPoint]]] = []
+    dense: list[float] = []
+    for ref, label in zip(refs, _unique_labels(refs)):
+        client = ref.client()
+        points = sweep_points(client, ref.parent_run_id)
+        if not points:
+            log.warning("sweep %s (run %s) has no finished trial with accuracy and MACs", label, ref.parent_run_id)
+        dense.append(dense_macs(client, ref.parent_run_id))
+        if split:
+            for method in sorted({p.method for p in points}):
+                name = method if len(refs) == 1 else f"{label}/{method}"
+                raw.append((name, label, [p for p in points if p.method == method]))
+        else:
+            raw.append((label, label, points))
+    finite = [d for d in dense if math.isfinite(d)]
+    all_macs = [p.macs for _, _, pts in raw for p in pts if math.isfinite(p.macs)]
+    ref_macs = max(finite) if finite else (1.1 * max(all_macs) if all_macs else 1.0)
+    reference = (0.0, float(ref_macs))
+    series = [FrontSeries(name, sweep, pts, _front_of(pts),
+                          hypervolume([p.objectives for p in pts], reference, DIRECTIONS) if pts else 0.0)
+              for name, sweep, pts in raw]
+    return series, reference
+
+
+def compare_fronts(sources: Sequence[str | Path], out: str | Path = "fronts.png", by_method: bool = False,
+                   tracking_uri: str | None = None) -> dict[str, list[TrialPoint]]:
+    """Plot the fronts of ``sources`` into ``out`` (PNG) and return each series' front (cheapest first)."""
+    series, reference = collect_fronts(sources, by_method, tracking_uri)
+    _plot(series, Path(out))
+    for s in series:
+        log.info("%s: %d trials, front of %d, hypervolume %.6g (reference accuracy %g, MACs %.6g)",
+                 s.label, len(s.points), len(s.front), s.hypervolume, *reference)
+    return {s.label: s.front for s in series}
+
+
+def _plot(series: Sequence[FrontSeries], out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return plot_fronts({s.label: s.points for s in series}, out, highlight={s.label: s.front for s in series})
+
+
+# ---- output ------------------------------------------------------------------------------------------------------
+def _num(value: float, fmt: str) -> str:
+    return format(value, fmt) if math.isfinite(value) else "nan"
+
+
+def format_table(series: Sequence[FrontSeries], reference: tuple[float, float]) -> str:
+    """The fronts as a fixed-width table (one row per front point; the run id is the last column),
+    then each series' hypervolume."""
+    width = max([len("label")] + [len(s.label) for s in series])
+    lines = [f"{'label':<{width}}  {'method':<10} {'accuracy':>9} {'MACs':>13} {'params':>11} {'test acc':>9}  run id"]
+    for s in series:
+        for p in s.front:
+            lines.append(f"{s.label:<{width}}  {p.method:<10} {_num(p.accuracy, '.4f'):>9} {_num(p.macs, ',.0f'):>13} "
+                         f"{_num(p.params, ',.0f'):>11} {_num(p.test_accuracy, '.4f'):>9}  {p.run_id}")
+    lines.append("")
+    lines.append(f"hypervolume (reference: accuracy {reference[0]:g}, MACs {reference[1]:,.0f}):")
+    for s in series:
+        lines.append(f"{s.label:<{width}}  {s.hypervolume:.6g}  ({len(s.front)} on the front of {len(s.points)} trials)")
+    return "\n".join(lines) + "\n"
+
+
+def _cmd_fronts(args, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    series, reference = collect_fronts(args.experiments, args.by_method, args.tracking_uri)
+    png = _plot(series, Path(args.out))
+    out.write(format_table(series, reference))
+    out.write(f"\nplot: {png}\n")
+    return 0
+
+
+def add_fronts_command(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("fronts", help="overlay and compare the accuracy-vs-MACs fronts of sweeps",
+                              description=__doc__.split("\n\n")[1])
+    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
+                   help="a sweep directory (printed by `prunetune run`) or an MLflow experiment name")
+    p.add_argument("--out", default="fronts.png", metavar="PNG", help="the plot to write (default: fronts.png)")
+    p.add_argument("--by-method", action="store_true", help="one series per method of each sweep")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help=f"MLflow tracking URI for experiment names (default: {DEFAULT_TRACKING_URI}); "
+                        "a sweep directory names its own")
+    p.set_defaults(func=_cmd_fronts)
+    return p

@@ -1,0 +1,317 @@
+"""Promote the best model on a sweep's Pareto front to the MLflow Model Registry.
+
+``prunetune promote EXPERIMENT --name NAME [--max-macs N | --min-accuracy A] [--alias champion]``
+
+1. Candidates: the sweep's front (trial runs tagged ``pareto=true``; recomputed with
+   ``search.pareto.front`` when some finished trial has no ``pareto`` tag).
+2. Choice: with ``--max-macs`` the most accurate with ``macs <= N``; with ``--min-accuracy`` the
+   cheapest with ``accuracy >= A`` (validation accuracy, the searched metric); with neither the most
+   accurate. Nothing meets the budget: ``ConfigError`` listing the front, nothing registered.
+3. The run's ``model/`` artifacts are rebuilt with ``trainables.model_io.load_model`` and
+   re-evaluated on the TEST split of the sweep's data set (config from the sweep's state file, else
+   from the parent run's params).
+4. A new run in the sweep's experiment (tagged with the source run; not a child of the parent run,
+   so it never counts as a trial) logs the model with ``mlflow.pytorch.log_model`` in the
+   pickle-free ``pt2`` format (``torch.export``: no prunetune class is needed to load it), with an
+   input example and explicit ``pip_requirements``, registered as NAME. The version is tagged with
+   its metrics, method and source run.
+5. The alias (default ``champion``) moves to the new version only if the re-evaluated test accuracy
+   matches the recorded one within ``tolerance``; otherwise the version is tagged
+   ``validation=failed``, the alias stays where it was and :class:`PromotionError` is raised.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence, TextIO
+
+from methods.errors import ConfigError, PruneTuneError
+
+from .compare import DEFAULT_TRACKING_URI, SweepRef, resolve_sweep
+from .fronts import DIRECTIONS, TrialPoint, sweep_points
+from .pareto import front
+from .tracking import child_runs
+
+__all__ = ["promote", "PromotionResult", "PromotionError", "select_candidate", "pareto_candidates",
+           "add_promote_command", "SOURCE_RUN_TAG", "PROMOTION_TAG"]
+
+log = logging.getLogger(__name__)
+SOURCE_RUN_TAG, SWEEP_RUN_TAG, PROMOTION_TAG = "prunetune.source_run_id", "prunetune.sweep_run_id", "prunetune.promotion"
+VALIDATION_FAILED_EXIT = 1
+_EXAMPLE_BATCH = 4  # > 1, so the exported program keeps a dynamic batch dimension
+
+
+class PromotionError(PruneTuneError):
+    """The model was registered but failed validation: the alias was NOT moved. ``.result`` says what."""
+
+    def __init__(self, message: str, result: "PromotionResult"):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    name: str
+    version: str
+    alias: str
+    alias_moved: bool
+    validated: bool
+    source_run_id: str
+    promotion_run_id: str
+    sweep_run_id: str
+    method: str
+    accuracy: float                 # validation accuracy recorded by the trial
+    test_accuracy: float            # test accuracy recorded by the trial
+    reevaluated_test_accuracy: float
+    macs: float
+    params: float
+    model_uri: str                  # models:/NAME/VERSION
+    log_model_seconds: float
+
+
+# ---- choosing ------------------------------------------------------------------------------------------------
+def pareto_candidates(ref: SweepRef) -> list[TrialPoint]:
+    """The sweep's front, cheapest first: runs tagged ``pareto=true``, or front() if tags are missing."""
+    client = ref.client()
+    points = sweep_points(client, ref.parent_run_id)
+    if not points:
+        raise ConfigError(f"sweep {ref.label!r} (run {ref.parent_run_id}) has no finished trial to promote")
+    tags = {r.info.run_id: r.data.tags.get("pareto") for r in child_runs(client, ref.parent_run_id)}
+    if all(tags.get(p.run_id) in ("true", "false") for p in points):
+        best = [p for p in points if tags[p.run_id] == "true"]
+    else:
+        log.info("sweep %s: some trials have no pareto tag; recomputing the front", ref.label)
+        best = [points[i] for i in front([p.objectives for p in points], DIRECTIONS)]
+    return sorted(best, key=lambda p: (p.macs, -p.accuracy))
+
+
+def _describe(p: TrialPoint) -> str:
+    return f"{p.method} accuracy {p.accuracy:.4f} MACs {p.macs:,.0f} (run {p.run_id})"
+
+
+def select_candidate(candidates: Sequence[TrialPoint], max_macs: float | None = None,
+                     min_accuracy: float | None = None) -> TrialPoint:
+    """Pick from the front under the budget (see the module docstring); ConfigError if none fits."""
+    if max_macs is not None and min_accuracy is not None:
+        raise ConfigError("promote: give --max-macs or --min-accuracy, not both")
+    if max_macs is not None:
+        fits = [p for p in candidates if p.macs <= max_macs]
+        pick, budget = (max(fits, key=lambda p: (p.accuracy, -p.macs)) if fits else None), f"macs <= {max_macs:,.0f}"
+    elif min_accuracy is not None:
+        fits = [p for p in candidates if p.accuracy >= min_accuracy]
+        pick, budget = (min(fits, key=lambda p: (p.macs, -p.accuracy)) if fits else None), f"accuracy >= {min_accuracy:g}"
+    else:
+        pick, budget = (max(candidates, key=lambda p: (p.accuracy, -p.macs)) if candidates else None), "any"
+    if pick is None:
+        options = "; ".join(_describe(p) for p in sorted(candidates, key=lambda p: p.macs)[:8])
+        raise ConfigError(f"promote: no model on the Pareto front has {budget}; the front's options "
+                          f"(cheapest first): {options or 'none'}")
+    return pick
+
+
+# ---- the sweep's data ------------------------------------------------------------------------------------------
+def _param(value: str | None) -> Any:
+    return None if value in (None, "None", "null", "") else value
+
+
+def _data_settings(ref: SweepRef) -> dict[str, Any]:
+    """dataset, data_dir, image_size, seed of the sweep: from its state file, else its run params."""
+    if ref.config:
+        cfg = ref.config
+        return {"dataset": cfg["dataset"], "data_dir": cfg.get("data_dir"), "image_size": cfg.get("image_size"),
+                "seed": int(cfg.get("seed", 0))}
+    params = ref.client().get_run(ref.parent_run_id).data.params
+    if "dataset" not in params:
+        raise ConfigError(f"sweep {ref.label!r}: parent run {ref.parent_run_id} records no dataset param and no "
+                          "sweep directory is known; cannot rebuild the test split")
+    size = _param(params.get("image_size"))
+    return {"dataset": params["dataset"], "data_dir": _param(params.get("data_dir")),
+            "image_size": int(size) if size is not None else None, "seed": int(_param(params.get("seed")) or 0)}
+
+
+def _reevaluate(model, data_settings: dict[str, Any]):
+    """(test accuracy, test split) of ``model`` on the sweep's data set."""
+    import torch
+
+    from trainables.data import load, make_loader
+    from trainables.train import evaluate
+
+    data = load(data_settings["dataset"], data_dir=data_settings["data_dir"], image_size=data_settings["image_size"],
+                seed=data_settings["seed"], augment=False)
+    accuracy, _ = evaluate(model, make_loader(data.test, 256, shuffle=False), device=torch.device("cpu"))
+    return accuracy, data
+
+
+# ---- MLflow ---------------------------------------------------------------------------------------------------------
+@contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for the block, then put back what was there."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    previous, env = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def pip_requirements() -> list[str]:
+    """What the pt2 model needs to load and run: torch (same release: pt2 archives are versioned)
+    and mlflow. Explicit, because inferring them costs a subprocess that imports the model (~20x)."""
+    import mlflow
+    import numpy
+    import torch
+
+    torch_release = torch.__version__.split("+")[0]
+    return [f"torch=={torch_release}", f"mlflow=={mlflow.__version__}", f"numpy=={numpy.__version__}"]
+
+
+def _metric_tags(p: TrialPoint, reevaluated: float) -> dict[str, str]:
+    return {"accuracy": f"{p.accuracy:.6g}", "test_accuracy": f"{p.test_accuracy:.6g}",
+            "reevaluated_test_accuracy": f"{reevaluated:.6g}", "macs": f"{p.macs:.0f}",
+            "params": f"{p.params:.0f}" if math.isfinite(p.params) else "nan", "method": p.method}
+
+
+def promote(source: str | Path, name: str, max_macs: float | None = None, min_accuracy: float | None = None,
+            alias: str = "champion", tracking_uri: str | None = None, tolerance: float = 0.005) -> PromotionResult:
+    """Register the best front model of sweep ``source`` under ``name`` and move ``alias`` to it.
+
+    See the module docstring. Raises ``ConfigError`` (nothing registered) for bad arguments or a
+    budget nothing meets, and :class:`PromotionError` (registered, alias not moved) when the
+    re-evaluated test accuracy differs from the recorded one by more than ``tolerance``.
+    """
+    import mlflow
+    import mlflow.pytorch
+
+    from trainables.model_io import load_model
+
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"promote: --name must be a non-empty model name, got {name!r}")
+    if not isinstance(alias, str) or not alias.strip():
+        raise ConfigError(f"promote: --alias must be a non-empty alias, got {alias!r}")
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"promote: --tolerance must be a number >= 0, got {tolerance!r}")
+    if max_macs is not None and not (math.isfinite(max_macs) and max_macs > 0):
+        raise ConfigError(f"promote: --max-macs must be a positive number, got {max_macs!r}")
+    if min_accuracy is not None and not (math.isfinite(min_accuracy) and 0 <= min_accuracy <= 1):
+        raise ConfigError(f"promote: --min-accuracy must be in [0, 1], got {min_accuracy!r}")
+
+    ref = resolve_sweep(source, tracking_uri)
+    pick = select_candidate(pareto_candidates(ref), max_macs, min_accuracy)
+    log.info("promoting %s from sweep %s", _describe(pick), ref.label)
+    data_settings = _data_settings(ref)
+    client = ref.client()
+
+    with tempfile.TemporaryDirectory(prefix="prunetune-promote-") as tmp:
+        try:
+            local = client.download_artifacts(pick.run_id, "model", tmp)
+        except Exception as exc:  # noqa: BLE001  (MlflowException / OSError: no such artifact)
+            raise FileNotFoundError(f"run {pick.run_id} has no model artifacts to promote ({exc})") from None
+        model, _spec = load_model(local)
+    reevaluated, data = _reevaluate(model, data_settings)
+    recorded = pick.test_accuracy
+    validated = math.isfinite(recorded) and abs(reevaluated - recorded) <= tolerance
+    log.info("re-evaluated test accuracy %.4f (recorded %.4f, tolerance %g): %s", reevaluated, recorded, tolerance,
+             "ok" if validated else "MISMATCH")
+
+    import torch
+
+    example = torch.stack([data.test[i][0] for i in range(min(_EXAMPLE_BATCH, len(data.test)))]).numpy()
+    exp_id = client.get_run(ref.parent_run_id).info.experiment_id
+    run = client.create_run(exp_id, run_name=f"promote-{name}", tags={
+        PROMOTION_TAG: "true", SOURCE_RUN_TAG: pick.run_id, SWEEP_RUN_TAG: ref.parent_run_id, "method": pick.method,
+        "registered_model_name": name})
+    run_id = run.info.run_id
+    try:
+        with _tracking_uri(ref.tracking_uri):
+            t0 = time.perf_counter()
+            info = mlflow.pytorch.log_model(
+                model.eval(), name="model", run_id=run_id,
+                serialization_format="pt2",  # torch.export program; `export_model=True` is its deprecated spelling
+                input_example=example,
+                pip_requirements=pip_requirements(),
+                registered_model_name=name,
+            )
+            seconds = time.perf_counter() - t0
+        log.info("logged and registered the model in %.1fs", seconds)
+        client.log_metric(run_id, "reevaluated_test_accuracy", reevaluated)
+        client.log_metric(run_id, "recorded_test_accuracy", recorded)
+        version = str(info.registered_model_version)
+        tags = {**_metric_tags(pick, reevaluated), "source_run_id": pick.run_id, "sweep_run_id": ref.parent_run_id,
+                "promotion_run_id": run_id, "validation": "passed" if validated else "failed"}
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        if validated:
+            client.set_registered_model_alias(name, alias, version)
+        client.set_terminated(run_id, status="FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+
+    result = PromotionResult(name, version, alias, validated, validated, pick.run_id, run_id, ref.parent_run_id,
+                             pick.method, pick.accuracy, recorded, reevaluated, pick.macs, pick.params,
+                             f"models:/{name}/{version}", seconds)
+    if not validated:
+        raise PromotionError(
+            f"promote: validation failed for {name} version {version}: re-evaluated test accuracy {reevaluated:.4f} "
+            f"differs from the recorded {recorded:.4f} by more than {tolerance:g}; alias {alias!r} NOT moved "
+            "(version tagged validation=failed)", result)
+    log.info("%s version %s is now @%s", name, version, alias)
+    return result
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------------
+def format_result(r: PromotionResult) -> str:
+    where = f"@{r.alias} -> version {r.version}" if r.alias_moved else f"version {r.version} (alias {r.alias!r} not moved)"
+    return (f"promoted {r.name} {where}\n"
+            f"  method {r.method}, MACs {r.macs:,.0f}, params {r.params:,.0f}\n"
+            f"  accuracy (val) {r.accuracy:.4f}, test accuracy recorded {r.test_accuracy:.4f}, "
+            f"re-evaluated {r.reevaluated_test_accuracy:.4f}\n"
+            f"  source run {r.source_run_id} (sweep run {r.sweep_run_id}), promotion run {r.promotion_run_id}\n"
+            f"  load it: mlflow.pytorch.load_model(\"models:/{r.name}@{r.alias}\")\n")
+
+
+def _cmd_promote(args, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    try:
+        result = promote(args.experiment, args.name, max_macs=args.max_macs, min_accuracy=args.min_accuracy,
+                         alias=args.alias, tracking_uri=args.tracking_uri, tolerance=args.tolerance)
+    except PromotionError as exc:
+        print(f"prunetune: error: {exc}", file=sys.stderr)
+        return VALIDATION_FAILED_EXIT
+    out.write(format_result(result))
+    return 0
+
+
+def add_promote_command(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("promote", help="register the best front model under a budget and move an alias",
+                              description="Pick the best model on a sweep's Pareto front under a budget, re-evaluate "
+                                          "it on the test split, log it (pt2) to the MLflow Model Registry and move "
+                                          "an alias to it.")
+    p.add_argument("experiment", metavar="EXPERIMENT",
+                   help="a sweep directory (printed by `prunetune run`) or an MLflow experiment name")
+    p.add_argument("--name", required=True, help="registered model name")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--max-macs", type=float, default=None, metavar="N",
+                        help="the most accurate front model with at most N MACs")
+    budget.add_argument("--min-accuracy", type=float, default=None, metavar="A",
+                        help="the cheapest front model with validation accuracy >= A")
+    p.add_argument("--alias", default="champion", help="alias to move to the new version (default: champion)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help=f"MLflow tracking URI for an experiment name (default: {DEFAULT_TRACKING_URI})")
+    p.add_argument("--tolerance", type=float, default=0.005,
+                   help="largest allowed |re-evaluated - recorded| test accuracy (default: 0.005)")
+    p.set_defaults(func=_cmd_promote)
+    return p
