@@ -220,7 +220,8 @@ def format_table(series: Sequence[FrontSeries], reference: tuple[float, float]) 
     lines.append("")
     lines.append(f"hypervolume (reference: accuracy {reference[0]:g}, MACs {reference[1]:,.0f}):")
     for s in series:
-        lines.append(f"{s.label:<{width}}  {s.hypervolume:.6g}  ({len(s.front)} on the front of {len(s.points)} trials)")
+        lines.append(f"{s.label:<{width}}  {s.hypervolume:.6g}  "
+                     f"({len(s.front)} on the front of {len(s.points)} trials)")
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +236,9 @@ def _cmd_fronts(args, out: TextIO | None = None) -> int:
 
 def add_fronts_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("fronts", help="overlay and compare the accuracy-vs-MACs fronts of sweeps",
-                              description=__doc__.split("\n\n")[1])
+                              description="Overlay the accuracy-vs-MACs Pareto fronts of sweeps (or of the "
+                                          "methods of one sweep) in one PNG, and print them as a table with "
+                                          "each series' hypervolume against one common reference.")
     p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
                    help="a sweep directory (printed by `prunetune run`) or an MLflow experiment name")
     p.add_argument("--out", default="fronts.png", metavar="PNG", help="the plot to write (default: fronts.png)")

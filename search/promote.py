@@ -44,7 +44,9 @@ __all__ = ["promote", "PromotionResult", "PromotionError", "select_candidate", "
            "add_promote_command", "SOURCE_RUN_TAG", "PROMOTION_TAG"]
 
 log = logging.getLogger(__name__)
-SOURCE_RUN_TAG, SWEEP_RUN_TAG, PROMOTION_TAG = "prunetune.source_run_id", "prunetune.sweep_run_id", "prunetune.promotion"
+SOURCE_RUN_TAG = "prunetune.source_run_id"
+SWEEP_RUN_TAG = "prunetune.sweep_run_id"
+PROMOTION_TAG = "prunetune.promotion"
 VALIDATION_FAILED_EXIT = 1
 _EXAMPLE_BATCH = 4  # > 1, so the exported program keeps a dynamic batch dimension
 
@@ -74,6 +76,7 @@ class PromotionResult:
     macs: float
     params: float
     model_uri: str                  # models:/NAME/VERSION
+    logged_model_id: str            # MLflow 3 LoggedModel id (the version's source is models:/<id>)
     log_model_seconds: float
 
 
@@ -104,12 +107,15 @@ def select_candidate(candidates: Sequence[TrialPoint], max_macs: float | None = 
         raise ConfigError("promote: give --max-macs or --min-accuracy, not both")
     if max_macs is not None:
         fits = [p for p in candidates if p.macs <= max_macs]
-        pick, budget = (max(fits, key=lambda p: (p.accuracy, -p.macs)) if fits else None), f"macs <= {max_macs:,.0f}"
+        pick = max(fits, key=lambda p: (p.accuracy, -p.macs)) if fits else None
+        budget = f"macs <= {max_macs:,.0f}" if float(max_macs).is_integer() else f"macs <= {max_macs:,g}"
     elif min_accuracy is not None:
         fits = [p for p in candidates if p.accuracy >= min_accuracy]
-        pick, budget = (min(fits, key=lambda p: (p.macs, -p.accuracy)) if fits else None), f"accuracy >= {min_accuracy:g}"
+        pick = min(fits, key=lambda p: (p.macs, -p.accuracy)) if fits else None
+        budget = f"validation accuracy >= {min_accuracy:g}"
     else:
-        pick, budget = (max(candidates, key=lambda p: (p.accuracy, -p.macs)) if candidates else None), "any"
+        pick = max(candidates, key=lambda p: (p.accuracy, -p.macs)) if candidates else None
+        budget = "any"
     if pick is None:
         options = "; ".join(_describe(p) for p in sorted(candidates, key=lambda p: p.macs)[:8])
         raise ConfigError(f"promote: no model on the Pareto front has {budget}; the front's options "
@@ -167,6 +173,21 @@ def _tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
+@contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Set environment variables for the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def pip_requirements() -> list[str]:
     """What the pt2 model needs to load and run: torch (same release: pt2 archives are versioned)
     and mlflow. Explicit, because inferring them costs a subprocess that imports the model (~20x)."""
@@ -194,6 +215,7 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
     """
     import mlflow
     import mlflow.pytorch
+    import torch
 
     from trainables.model_io import load_model
 
@@ -214,7 +236,8 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
     data_settings = _data_settings(ref)
     client = ref.client()
 
-    with tempfile.TemporaryDirectory(prefix="prunetune-promote-") as tmp:
+    no_progress_bar = _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    with tempfile.TemporaryDirectory(prefix="prunetune-promote-") as tmp, no_progress_bar:
         try:
             local = client.download_artifacts(pick.run_id, "model", tmp)
         except Exception as exc:  # noqa: BLE001  (MlflowException / OSError: no such artifact)
@@ -225,8 +248,6 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
     validated = math.isfinite(recorded) and abs(reevaluated - recorded) <= tolerance
     log.info("re-evaluated test accuracy %.4f (recorded %.4f, tolerance %g): %s", reevaluated, recorded, tolerance,
              "ok" if validated else "MISMATCH")
-
-    import torch
 
     example = torch.stack([data.test[i][0] for i in range(min(_EXAMPLE_BATCH, len(data.test)))]).numpy()
     exp_id = client.get_run(ref.parent_run_id).info.experiment_id
@@ -262,7 +283,7 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
 
     result = PromotionResult(name, version, alias, validated, validated, pick.run_id, run_id, ref.parent_run_id,
                              pick.method, pick.accuracy, recorded, reevaluated, pick.macs, pick.params,
-                             f"models:/{name}/{version}", seconds)
+                             f"models:/{name}/{version}", info.model_id, seconds)
     if not validated:
         raise PromotionError(
             f"promote: validation failed for {name} version {version}: re-evaluated test accuracy {reevaluated:.4f} "
@@ -274,7 +295,8 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
 def format_result(r: PromotionResult) -> str:
-    where = f"@{r.alias} -> version {r.version}" if r.alias_moved else f"version {r.version} (alias {r.alias!r} not moved)"
+    where = (f"@{r.alias} -> version {r.version}" if r.alias_moved
+             else f"version {r.version} (alias {r.alias!r} not moved)")
     return (f"promoted {r.name} {where}\n"
             f"  method {r.method}, MACs {r.macs:,.0f}, params {r.params:,.0f}\n"
             f"  accuracy (val) {r.accuracy:.4f}, test accuracy recorded {r.test_accuracy:.4f}, "
