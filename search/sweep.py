@@ -142,6 +142,9 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
 
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
+    from .preflight import preflight
+
+    preflight(cfg)  # environment problems are one clear line before Ray or MLflow start
     exp_dir = Path(cfg.storage_path) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return _run(cfg, exp_dir.resolve() if "://" not in cfg.storage_path else exp_dir, None, restore=False)
 

@@ -1,0 +1,117 @@
+"""Checks that need more than the config file itself, run before any work starts: the model builds
+and runs on the data set's input, a weights file loads with ``weights_only=True``, the MLflow
+tracking server and the Ray cluster answer. Each failure is one ``ConfigError`` line naming the
+field; each network probe gives up after a few seconds instead of hanging."""
+from __future__ import annotations
+
+import logging
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from methods.errors import ConfigError
+
+from .config import SweepConfig
+
+__all__ = ["preflight", "check_model", "check_tracking_uri", "check_ray_address"]
+
+log = logging.getLogger(__name__)
+PROBE_TIMEOUT_S = 10.0
+
+
+def preflight(cfg: SweepConfig) -> None:
+    check_model(cfg)
+    check_tracking_uri(cfg.tracking_uri)
+    if cfg.address:
+        check_ray_address(cfg.address)
+
+
+def _input_of(cfg: SweepConfig) -> tuple[tuple[int, int, int], int]:
+    """(input shape, number of classes) of the data set, without loading it."""
+    if cfg.dataset == "digits":
+        side = cfg.image_size or 8
+        return (1, side, side), 10
+    if cfg.dataset in ("cifar10", "cifar100"):
+        side = cfg.image_size or 32
+        return (3, side, side), 10 if cfg.dataset == "cifar10" else 100
+    side = cfg.image_size or 224
+    classes = [p for p in (Path(cfg.data_dir) / "train").iterdir() if p.is_dir()] if cfg.data_dir else []
+    if not classes:
+        raise ConfigError(f"data_dir: {cfg.data_dir}/train has no class folders (imagefolder expects train/<class>/)")
+    return (3, side, side), len(classes)
+
+
+def check_model(cfg: SweepConfig) -> None:
+    import torch
+
+    from trainables.models import create_model
+
+    shape, num_classes = _input_of(cfg)
+    weights = cfg.model_kwargs.get("weights")
+    if weights:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle errors come in many types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"model_kwargs.weights: {weights} does not load with torch.load(weights_only=True): "
+                              f"{first}") from None
+        if not isinstance(state, dict):
+            raise ConfigError(f"model_kwargs.weights: {weights} holds a {type(state).__name__}, not a state dict")
+    try:
+        model = create_model(cfg.model, num_classes, in_channels=shape[0], **cfg.model_kwargs).eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        field = "model_kwargs.weights" if weights and "state_dict" in first else "model"
+        raise ConfigError(f"{field}: {cfg.model} does not run on {cfg.dataset} input {shape} "
+                          f"(set image_size?): {first}") from None
+
+
+def check_tracking_uri(uri: str) -> None:
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if path is not None and str(path) not in ("", ":memory:") and not path.parent.is_dir():
+            raise ConfigError(f"tracking_uri: folder {path.parent} for {uri} does not exist")
+        return
+    if parsed.scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as resp:
+                resp.read(64)
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):  # a server that wants credentials is still a server
+                return
+            raise ConfigError(f"tracking_uri: {uri} answered HTTP {exc.code} on /health") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConfigError(f"tracking_uri: cannot reach MLflow server {uri} ({reason})") from None
+
+
+def check_ray_address(address: str) -> None:
+    if address == "local":
+        return
+    if address == "auto":
+        import ray._private.services as services
+
+        try:
+            address = services.canonicalize_bootstrap_address(address)
+        except ConnectionError:
+            raise ConfigError("address: 'auto' found no running Ray cluster on this machine "
+                              "(start one with `ray start --head` or `ray up cluster.yaml`)") from None
+        if not address:
+            raise ConfigError("address: 'auto' found no running Ray cluster on this machine")
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"address: expected host:port, ray://host:port or auto, got {address!r}")
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"address: cannot reach Ray at {address} ({exc})") from None

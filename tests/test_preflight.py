@@ -1,0 +1,70 @@
+"""Bad input the config file alone cannot reveal: one ConfigError line naming the field, fast."""
+import pickle
+import socket
+import time
+
+import pytest
+import torch
+
+from methods.errors import ConfigError
+from search.cli import main
+from search.config import load_config
+from search.preflight import check_ray_address, check_tracking_uri, preflight
+
+
+def _cfg(*overrides):
+    return load_config("configs/quickstart.yaml", list(overrides))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_model_that_does_not_fit_the_input_is_refused():
+    with pytest.raises(ConfigError, match=r"^model: vgg16_cifar does not run on digits input \(1, 8, 8\)"):
+        preflight(_cfg("model=vgg16_cifar"))
+    preflight(_cfg("model=vgg16_cifar", "image_size=32"))  # the fix the message suggests
+
+
+def test_weights_file_that_needs_pickle_is_refused(tmp_path):
+    bad = tmp_path / "model.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"weights": object()}, f)
+    with pytest.raises(ConfigError, match=r"model_kwargs.weights: .*does not load with torch.load\(weights_only=True\)"):
+        preflight(_cfg(f"model_kwargs.weights={bad}"))
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    from trainables.models import create_model
+
+    path = tmp_path / "resnet56.pt"
+    torch.save(create_model("resnet56", 10, in_channels=1).state_dict(), path)
+    with pytest.raises(ConfigError, match=r"^model_kwargs.weights: resnet20 does not run"):
+        preflight(_cfg(f"model_kwargs.weights={path}"))
+
+
+def test_unreachable_mlflow_server_fails_fast():
+    port = _free_port()
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"tracking_uri: cannot reach MLflow server http://127.0.0.1:{port}"):
+        check_tracking_uri(f"http://127.0.0.1:{port}")
+    assert time.monotonic() - start < 30  # a refusal, not a hang (generous bound: shared machine)
+
+
+def test_unreachable_ray_address_fails_fast():
+    port = _free_port()
+    with pytest.raises(ConfigError, match=rf"address: cannot reach Ray at 127.0.0.1:{port}"):
+        check_ray_address(f"127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match="address: expected host:port"):
+        check_ray_address("nonsense")
+
+
+def test_cli_reports_one_line_and_exit_2(tmp_path, capsys):
+    port = _free_port()
+    code = main(["run", "configs/quickstart.yaml", "--set", f"tracking_uri=http://127.0.0.1:{port}",
+                 "--set", f"storage_path={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("prunetune: error: tracking_uri: cannot reach")
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
