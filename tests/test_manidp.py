@@ -1,0 +1,289 @@
+"""ManiDP's own properties: the gating adds nothing but the mask, the two cost accountings agree,
+the skipping path computes the masked network, hard samples get no sparsity pressure, MACs drop on
+digits, and the gated model survives torch.export and a save/load round trip."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from methods import PruneContext, SurgeryError, create_method
+from methods.cost import profile
+from methods.manidp import (
+    SkippingView, average_macs, complexity_weights, keep_rate, similarity_loss, skipping_forward, sparsity_loss,
+    thresholds_from_saliency,
+)
+from methods.manidp_gates import GatedBlock, gate_model, gated_blocks, named_gates
+from trainables.data import load, make_loader
+from trainables.model_io import load_model, model_spec, save_model
+from trainables.models import create_model
+from trainables.train import train_epoch
+
+DIGITS = (1, 8, 8)
+
+
+def _calibrate_bn(model, shape, n=32):
+    """Give a random network sane BN statistics (one train-mode pass, cumulative average)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(n, *shape))
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+def _randomize_gates(model, threshold=1.0, std=0.1):
+    """Gates with input-dependent saliencies around 1 and a threshold that turns about half off."""
+    for _, gate in named_gates(model):
+        torch.nn.init.normal_(gate.fc2.weight, std=std / gate.fc2.in_features ** 0.5)
+        gate.threshold.fill_(threshold)
+    return model
+
+
+_DENSE = {}
+
+
+def _dense(name, shape):
+    """A calibrated dense model per (name, shape), built once per session (callers copy it)."""
+    if (name, shape) not in _DENSE:
+        torch.manual_seed(0)
+        _DENSE[name, shape] = _calibrate_bn(create_model(name, 10, in_channels=shape[0]), shape)
+    return _DENSE[name, shape]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load("digits")
+
+
+@pytest.fixture(scope="module")
+def phase(digits):
+    """Dense resnet20 -> prepare -> a 2-epoch ManiDP phase (a few real steps each) -> prune."""
+    torch.manual_seed(0)
+    dense = _dense("resnet20", DIGITS)
+    method = create_method("manidp", prune_ratio=0.5, phase_epochs=2)
+    model = method.prepare(copy.deepcopy(dense))
+    loader = make_loader(digits.train, 32, shuffle=True, seed=0)
+    optimizer = method.make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    history = []  # (epoch-mean saliency, thresholds) after each phase epoch
+    for epoch in range(2):
+        stats = train_epoch(model, loader, optimizer, device=torch.device("cpu"), method=method, max_steps=5)
+        method.on_epoch_end(model, epoch, stats.loss)
+        history.append((dict(method._last_saliency), {n: float(g.threshold) for n, g in named_gates(model)}))
+    pruned = method.prune(model, PruneContext(DIGITS)).eval()
+    return dense, method, model, pruned, history
+
+
+@pytest.fixture(scope="module")
+def val_batches(digits):
+    return [x for x, _ in make_loader(digits.val, 128, shuffle=False)]
+
+
+# ---- the gating adds nothing but the mask ---------------------------------------------------------------
+@pytest.mark.parametrize("name,shape", [("resnet20", (3, 16, 16)), ("resnet18", (3, 16, 16)),
+                                        ("resnet50", (3, 16, 16))])
+def test_gating_with_open_gates_is_the_base_model(name, shape):
+    dense = _dense(name, shape)
+    gated = gate_model(copy.deepcopy(dense))
+    blocks = gated_blocks(gated)
+    assert blocks and all(isinstance(b, GatedBlock) for _, b in blocks)
+    expected_gates = 3 if name == "resnet50" else 2
+    assert all(len(b.gates()) == expected_gates for _, b in blocks)
+    _randomize_gates(gated)
+    for _, gate in named_gates(gated):  # saliencies forced to 1, thresholds at -inf
+        torch.nn.init.zeros_(gate.fc2.weight)
+        torch.nn.init.constant_(gate.fc2.bias, 1.0)
+        gate.threshold.fill_(float("-inf"))
+    gated.eval()
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        assert torch.equal(gated(x), dense(x))
+    # The dense weights are all still there under their own names.
+    dense_state = dense.state_dict()
+    gated_state = gated.state_dict()
+    assert all(torch.equal(gated_state[k], v) for k, v in dense_state.items())
+
+
+def test_closed_gates_leave_only_the_shortcut():
+    block = gate_model(copy.deepcopy(_dense("resnet20", (3, 16, 16))))
+    name, gb = gated_blocks(block)[3]  # layer2.0: a stride-2 block with a pad shortcut
+    for gate in gb.gates():
+        gate.threshold.fill_(float("inf"))
+    x = torch.randn(2, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(gb(x), torch.relu(gb.shortcut(x)))
+
+
+def test_unsupported_model_is_refused():
+    with pytest.raises(SurgeryError, match="no residual BasicBlock/Bottleneck"):
+        gate_model(create_model("vgg16_cifar", 10))
+
+
+# ---- the two accountings and the skipping path ----------------------------------------------------------
+@pytest.mark.parametrize("name,shape", [("resnet20", (3, 16, 16)), ("resnet50", (3, 16, 16))])
+def test_average_macs_equal_the_skipping_path_and_outputs_match(name, shape):
+    torch.manual_seed(1)
+    dense = _dense(name, shape)
+    gated = _randomize_gates(gate_model(copy.deepcopy(dense)))
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        masked = gated(x)
+    skipped, macs = skipping_forward(gated, x, return_macs=True)
+    tol = 1e-5 * masked.abs().max().item()
+    assert torch.allclose(skipped, masked, rtol=1e-4, atol=tol)
+    assert torch.allclose(SkippingView(gated)(x), masked, rtol=1e-4, atol=tol)  # BN folded
+    # The cost module's per-sample average x samples == MACs of the shapes the skipping path ran.
+    assert round(average_macs(gated, [x], shape) * len(x)) == sum(macs)
+    # And profile() at batch 1 reports the same active-channel cost through macs_hook.
+    assert profile(gated, shape).macs == round(average_macs(gated, [torch.zeros(1, *shape)], shape))
+    # Something really was skipped, and the samples differ (dynamic).
+    dense_macs = profile(dense, shape).macs
+    assert max(macs) < dense_macs
+    assert len(set(macs)) > 1
+
+
+def test_static_model_average_equals_profile():
+    model = _dense("resnet20", DIGITS)
+    assert average_macs(model, [torch.randn(5, *DIGITS)], DIGITS) == profile(model, DIGITS).macs
+
+
+# ---- the training phase on digits ----------------------------------------------------------------------
+def test_average_macs_drop_on_digits(phase, val_batches, digits):
+    dense, method, _, pruned, _ = phase
+    before = profile(dense, DIGITS).macs
+    after = average_macs(pruned, val_batches, DIGITS)
+    assert after <= 0.7 * before, after / before
+    # What the trainable reports: measure_macs over an (inputs, targets) DataLoader.
+    loader = make_loader(digits.val, 100, shuffle=False)
+    assert method.measure_macs(pruned, DIGITS, loader) == pytest.approx(after)
+    # Every layer keeps about 1 - eta of its channels on average (ties and per-sample spread aside).
+    kept = []
+    hooks = [g.register_forward_hook(lambda m, i, o: kept.append((o[1] > 0).float().mean().item()))
+             for _, g in named_gates(pruned)]
+    with torch.no_grad():
+        pruned(val_batches[0])
+    for h in hooks:
+        h.remove()
+    assert 0.3 <= sum(kept) / len(kept) <= 0.7
+
+
+def test_skipping_path_on_digits_matches_the_masked_model(phase, val_batches):
+    _, _, _, pruned, _ = phase
+    x = val_batches[0][:8]
+    with torch.no_grad():
+        masked = pruned(x)
+    skipped, macs = skipping_forward(pruned, x, return_macs=True)
+    assert torch.allclose(skipped, masked, atol=1e-4)
+    assert round(average_macs(pruned, [x], DIGITS) * len(x)) == sum(macs)
+
+
+def test_thresholds_follow_the_cosine_schedule(phase):
+    _, method, model, pruned, history = phase
+    assert keep_rate(0, 2, 0.5) == pytest.approx(0.75)
+    assert keep_rate(1, 2, 0.5) == pytest.approx(0.5)
+    rates = [keep_rate(e, 10, 0.4) for e in range(10)]
+    assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] == pytest.approx(0.6)
+    assert thresholds_from_saliency({"l": torch.arange(10.0)}, 0.75) == {"l": 2.0}  # 8th largest
+    # After each phase epoch every layer's threshold keeps ceil(rho_e * C_l) of its channels by
+    # epoch-mean saliency (more only on ties); prune froze the final ones at 1 - eta.
+    for epoch, (saliency, thresholds) in enumerate(history):
+        assert set(thresholds) == set(saliency) and len(saliency) == 18
+        for name, sal in saliency.items():
+            k = math.ceil(keep_rate(epoch, 2, 0.5) * sal.numel())
+            assert math.isfinite(thresholds[name])
+            assert (sal >= thresholds[name]).sum() >= k and (sal > thresholds[name]).sum() < k
+    final = {n: float(g.threshold) for n, g in named_gates(pruned)}
+    assert final == pytest.approx(thresholds_from_saliency(method._last_saliency, 0.5))
+    assert method._C is not None and method._C > 0
+
+
+def test_hard_samples_get_no_sparsity_gradient(digits):
+    torch.manual_seed(0)
+    method = create_method("manidp", prune_ratio=0.5, kappa=1.5)
+    model = method.prepare(copy.deepcopy(_dense("resnet20", DIGITS)))
+    for _, gate in named_gates(model):  # input-dependent saliencies, as after some training
+        torch.nn.init.normal_(gate.fc2.weight, std=0.1)
+    x, y = next(iter(make_loader(digits.train, 16, shuffle=False)))
+    model.train()
+    for m in model.modules():  # BN on running statistics: no coupling between the samples of a batch
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    logits = model(x)
+    ce = torch.nn.functional.cross_entropy(logits.detach(), y, reduction="none")
+    C = float(ce.median())
+    method._C = C
+    hard, easy = ce >= C, ce < C
+    assert hard.any() and easy.any()
+    records = dict(method._records)
+    pis = [pi for pi, _ in records.values()]
+
+    # The sparsity term alone: zero gradient on every hard sample's saliencies, positive on easy
+    # ones (partial derivatives), and zero on hard samples through the network too (total
+    # derivatives: a hard sample's later saliencies depend on its earlier ones, never on others').
+    beta = complexity_weights(ce, C, 1.5)
+    assert torch.all(beta[hard] == 0) and torch.all(beta[easy] > 0)
+    leaves = [pi.detach().requires_grad_() for pi in pis]
+    for g in torch.autograd.grad(sparsity_loss(leaves, beta), leaves):
+        assert torch.all(g[hard] == 0)
+        assert torch.all(g[easy] > 0)
+    for g in torch.autograd.grad(sparsity_loss(pis, beta), pis, retain_graph=True):
+        assert torch.all(g[hard] == 0)
+
+    # Through the method's own loss: on hard samples it is exactly gamma * similarity.
+    total = method.extra_loss(model, x, logits, y)
+    similarity = method.hparams["gamma"] * sum(similarity_loss(feat, pi) for pi, feat in records.values())
+    g_total = torch.autograd.grad(total, pis, retain_graph=True)
+    g_sim = torch.autograd.grad(similarity, pis, retain_graph=True)
+    for gt, gs in zip(g_total, g_sim):
+        assert torch.allclose(gt[hard], gs[hard], atol=1e-9)
+        assert not torch.allclose(gt[easy], gs[easy], atol=1e-9)
+    # beta is a constant: no gradient reaches the logits through the sparsity weights.
+    (g_logits,) = torch.autograd.grad(sparsity_loss(pis, complexity_weights(logits.logsumexp(1), C, 1.5)),
+                                      logits, allow_unused=True, retain_graph=True)
+    assert g_logits is None or torch.all(g_logits == 0)
+
+
+def test_first_epoch_C_is_half_the_running_mean_ce(digits):
+    method = create_method("manidp")
+    model = method.prepare(create_model("resnet20", 10, in_channels=1))
+    x, y = next(iter(make_loader(digits.train, 16, shuffle=False)))
+    model.train()
+    logits = model(x)
+    method.extra_loss(model, x, logits, y)
+    ce = torch.nn.functional.cross_entropy(logits.detach(), y)
+    assert method._C is None and method._ce_count == 16
+    method.on_epoch_end(model, 0, 123.0)
+    assert method._C == pytest.approx(0.5 * float(ce), rel=1e-5)
+
+
+def test_method_state_round_trips(phase):
+    _, method, _, _, _ = phase
+    state = json.loads(json.dumps(method.state_dict()))  # plain JSON types
+    other = create_method("manidp", prune_ratio=0.5, phase_epochs=2)
+    other.load_state_dict(state)
+    assert other._C == method._C and other._epoch == 2
+    assert thresholds_from_saliency(other._last_saliency, 0.5) == pytest.approx(
+        thresholds_from_saliency(method._last_saliency, 0.5))
+
+
+# ---- export and save/load ----------------------------------------------------------------------------------
+def test_export_and_save_load_round_trip(phase, tmp_path):
+    _, _, _, pruned, _ = phase
+    x = torch.randn(3, *DIGITS)
+    with torch.no_grad():
+        expected = pruned(x)
+    exported = torch.export.export(pruned, (x,))
+    assert torch.allclose(exported.module()(x), expected, atol=1e-6)
+    spec = model_spec(pruned, "resnet20", 10, in_channels=1)
+    assert spec["gating"]["type"] == "manidp" and len(spec["gating"]["blocks"]) == 9
+    save_model(pruned, tmp_path / "m", spec)
+    reloaded, _ = load_model(tmp_path / "m")
+    assert {n: float(g.threshold) for n, g in named_gates(reloaded)} == \
+        {n: float(g.threshold) for n, g in named_gates(pruned)}
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), expected)
