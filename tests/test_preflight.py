@@ -68,3 +68,8 @@ def test_cli_reports_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("prunetune: error: tracking_uri: cannot reach")
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_method_that_cannot_attach_to_the_model_is_refused():
+    with pytest.raises(ConfigError, match=r"^methods\[1\]: manidp cannot prune vgg16_cifar"):
+        preflight(_cfg("model=vgg16_cifar", "image_size=32", "methods=[l1_norm, manidp]"))
