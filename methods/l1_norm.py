@@ -4,7 +4,6 @@ from __future__ import annotations
 from torch import nn
 
 from .base import PRUNE_RATIO, PruneContext, PruningMethod
-from .hyperparameters import Hyperparameter
 from .registry import register_method
 from .selection import prune_by_scores
 
@@ -13,7 +12,7 @@ __all__ = ["L1Norm"]
 
 @register_method("l1_norm")
 class L1Norm(PruningMethod):
-    hyperparameters = (PRUNE_RATIO, Hyperparameter("phase_epochs", 0, 0, 0, kind="int", doc="no training phase"))
+    hyperparameters = (PRUNE_RATIO,)  # no training phase
 
     def prune(self, model: nn.Module, context: PruneContext) -> nn.Module:
         def l1(graph, group):

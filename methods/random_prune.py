@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from .base import PRUNE_RATIO, PruneContext, PruningMethod
-from .hyperparameters import Hyperparameter
 from .registry import register_method
 from .selection import prune_by_scores
 
@@ -15,7 +14,7 @@ __all__ = ["RandomPrune"]
 
 @register_method("random")
 class RandomPrune(PruningMethod):
-    hyperparameters = (PRUNE_RATIO, Hyperparameter("phase_epochs", 0, 0, 0, kind="int", doc="no training phase"))
+    hyperparameters = (PRUNE_RATIO,)  # no training phase
 
     def prune(self, model: nn.Module, context: PruneContext) -> nn.Module:
         generator = torch.Generator().manual_seed(context.seed)

@@ -289,7 +289,6 @@ class ThiNet(PruningMethod):
         Hyperparameter("samples_per_layer", 512, 64, 4096, kind="int",
                        doc="sampled (image, position, filter) outputs of the next layer per pruned layer"),
         Hyperparameter("finetune_steps", 20, 0, 500, kind="int", doc="fine-tune steps after each pruned layer"),
-        Hyperparameter("phase_epochs", 0, 0, 0, kind="int", doc="no training phase"),
     )
 
     def __init__(self, **hparams):
