@@ -7,6 +7,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import pytest
 import torch
 
+# The test models are tiny (8x8 digits): one thread avoids threading overhead and contention with
+# the Ray workers some tests start, on a 2-core machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
