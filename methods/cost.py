@@ -26,12 +26,12 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["Cost", "LatencyResult", "profile", "latency", "count_params"]
+__all__ = ["Cost", "count_macs", "LatencyResult", "profile", "latency", "count_params"]
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +120,15 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def profile(model: nn.Module, input_shape: Sequence[int]) -> Cost:
-    """MACs (batch 1, Conv2d + Linear only) and parameter count of ``model``.
+def count_macs(model: nn.Module, batches: Iterable[torch.Tensor]) -> tuple[int, int]:
+    """Conv2d + Linear MACs summed over forward passes of ``batches`` (modules with a
+    ``macs_hook(inputs, output)`` report their own, e.g. gated convs that skip channels).
 
-    Runs one forward pass on a zeros input of shape ``(1, *input_shape)`` on the model's device and
-    dtype, in eval mode under ``torch.no_grad``; each module's train/eval flag is restored.
+    Runs in eval mode under ``torch.no_grad`` on the model's device and dtype; each module's
+    train/eval flag is restored. Returns ``(total MACs, samples seen)``.
     """
-    shape = _check_shape(input_shape)
     device, dtype = _device_dtype(model)
-    total = 0
+    total, seen = 0, 0
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
         nonlocal total
@@ -151,11 +151,24 @@ def profile(model: nn.Module, input_shape: Sequence[int]) -> Cost:
     ]
     try:
         with _eval_mode(model), torch.no_grad():
-            model(torch.zeros((1, *shape), device=device, dtype=dtype))
+            for x in batches:
+                model(x.to(device=device, dtype=dtype))
+                seen += x.shape[0]
     finally:
         for h in handles:
             h.remove()
-    cost = Cost(macs=int(total), params=count_params(model))
+    return int(total), seen
+
+
+def profile(model: nn.Module, input_shape: Sequence[int]) -> Cost:
+    """MACs (batch 1, Conv2d + Linear only) and parameter count of ``model``.
+
+    Runs one forward pass on a zeros input of shape ``(1, *input_shape)`` on the model's device and
+    dtype, in eval mode under ``torch.no_grad``; each module's train/eval flag is restored.
+    """
+    shape = _check_shape(input_shape)
+    macs, _ = count_macs(model, [torch.zeros((1, *shape))])
+    cost = Cost(macs=macs, params=count_params(model))
     log.debug("profiled %s at %s: %d MACs, %d params", type(model).__name__, shape, cost.macs, cost.params)
     return cost
 

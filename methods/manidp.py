@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import PHASE_EPOCHS, PRUNE_RATIO, PruneContext, PruningMethod
-from .cost import _conv2d_macs, _eval_mode, _first_tensor, _linear_macs
+from .cost import _conv2d_macs, _eval_mode, _first_tensor, _linear_macs, count_macs
 from .errors import PruneTuneError
 from .hyperparameters import Hyperparameter
 from .manidp_gates import (
@@ -122,37 +122,16 @@ def average_macs(model: nn.Module, loader_or_batches: Any, input_shape: Sequence
     own fc layers) are counted, per sample.
     """
     shape = tuple(int(s) for s in input_shape)
-    ref = next(model.parameters())
-    total, seen = 0, 0
 
-    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        nonlocal total
-        custom = getattr(module, "macs_hook", None)
-        if callable(custom):
-            total += int(custom(inputs, output))
-            return
-        out = _first_tensor(output)
-        if out is None:
-            return
-        if isinstance(module, nn.Conv2d):
-            total += _conv2d_macs(module, out)
-        elif isinstance(module, nn.Linear):
-            total += _linear_macs(module, out)
+    def checked():
+        for i, x in enumerate(_batches(loader_or_batches)):
+            if max_batches is not None and i >= max_batches:
+                return
+            if tuple(x.shape[1:]) != shape:
+                raise ValueError(f"average_macs: batch of shape {tuple(x.shape)} does not match input_shape {shape}")
+            yield x
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear)) or callable(getattr(m, "macs_hook", None))]
-    try:
-        with _eval_mode(model), torch.no_grad():
-            for i, x in enumerate(_batches(loader_or_batches)):
-                if max_batches is not None and i >= max_batches:
-                    break
-                if tuple(x.shape[1:]) != shape:
-                    raise ValueError(f"average_macs: batch of shape {tuple(x.shape)} does not match input_shape {shape}")
-                model(x.to(device=ref.device, dtype=ref.dtype))
-                seen += x.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
+    total, seen = count_macs(model, checked())
     if seen == 0:
         raise ValueError("average_macs: no inputs (the loader was empty)")
     return total / seen

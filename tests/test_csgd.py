@@ -14,29 +14,10 @@ from trainables.data import load, make_loader
 from trainables.models import create_model
 from trainables.train import evaluate, train_epoch
 
+from helpers import randomise_bn
+
 CPU = torch.device("cpu")
 DIGITS = (1, 8, 8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On the shared 2-core machine, 2 intra-op threads per process oversubscribe the cores as soon
-    # as anything else runs (measured: a resnet20 digits epoch 43 s at 2 threads, 3 s at 1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randomise_bn(model):
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
 
 
 @torch.no_grad()
@@ -66,7 +47,7 @@ def test_kmeans_gives_exactly_k_nonempty_clusters_and_is_seeded():
 
 @pytest.mark.parametrize("clustering", ["kmeans", "even"])
 def test_merging_identical_clusters_is_exact_across_residual_adds(clustering):
-    model = _randomise_bn(create_model("resnet20", 10))
+    model = randomise_bn(create_model("resnet20", 10))
     method = create_method("csgd", prune_ratio=0.5, clustering=clustering, include_residual=True)
     method.prepare(model)
     clusterings = method.state_dict()["clusterings"]

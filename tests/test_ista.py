@@ -13,18 +13,10 @@ from trainables.data import load, make_loader
 from trainables.models import create_model
 from trainables.train import evaluate, train_epoch
 
+from helpers import randomise_bn
+
 CPU = torch.device("cpu")
 DIGITS = (1, 8, 8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On the shared 2-core machine, 2 intra-op threads per process oversubscribe the cores as soon
-    # as anything else runs (measured: a resnet20 digits epoch 43 s at 2 threads, 3 s at 1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _Block(nn.Module):
@@ -61,20 +53,9 @@ class PointwiseResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def _randomise_bn(model):
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-    return model.eval()
-
-
 @pytest.mark.parametrize("act,consumer_bn", [(nn.ReLU, True), (nn.ReLU, False), (nn.ReLU6, True)])
 def test_removing_zero_gamma_channels_is_exact_with_1x1_consumers(act, consumer_bn):
-    model = _randomise_bn(PointwiseResNet(act=act, consumer_bn=consumer_bn))
+    model = randomise_bn(PointwiseResNet(act=act, consumer_bn=consumer_bn))
     first, second = model.blocks[0].bn1, model.blocks[1].bn1
     with torch.no_grad():
         first.weight[[1, 4, 6, 20]] = 0.0  # constants act(beta): beta > 0 folds a value, beta < 0 nothing
@@ -92,7 +73,7 @@ def test_removing_zero_gamma_channels_is_exact_with_1x1_consumers(act, consumer_
 
 
 def test_rescaling_keeps_the_function_and_undoing_restores_the_parameters():
-    model = _randomise_bn(create_model("resnet20", 10))
+    model = randomise_bn(create_model("resnet20", 10))
     original = copy.deepcopy(model)
     x = torch.randn(4, 3, 32, 32)
     expected = model(x)

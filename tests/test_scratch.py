@@ -18,14 +18,6 @@ from trainables.train import train_epoch
 CIFAR = (3, 32, 32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _random_gates(method, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -8,19 +8,9 @@ from torch import nn
 
 from methods import DependencyGraph, SurgeryError, prune_group
 from methods.cost import profile
-from methods.layers import ChannelPadShortcut
 from trainables.models import create_model
 
-
-def _randomise_bn(model):
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
+from helpers import randomise_bn
 
 
 class OneByOneNet(nn.Module):
@@ -59,7 +49,7 @@ def test_graph_groups_resnet20():
 
 @pytest.mark.parametrize("consumer_bias", [False, True])
 def test_constant_channels_fold_into_consumer(consumer_bias):
-    model = _randomise_bn(OneByOneNet(consumer_bias))
+    model = randomise_bn(OneByOneNet(consumer_bias))
     dead = torch.tensor([1, 4, 6])
     model.bn1.weight.data[dead] = 0.0  # gamma == 0: channel outputs relu(beta), a constant
     model.bn1.bias.data[dead] = torch.tensor([0.3, -0.2, 0.9])
@@ -75,7 +65,7 @@ def test_constant_channels_fold_into_consumer(consumer_bias):
 
 
 def test_removing_zero_channels_resnet20_internal_and_residual():
-    model = _randomise_bn(create_model("resnet20", 10))
+    model = randomise_bn(create_model("resnet20", 10))
     graph = DependencyGraph(model)
     # Internal group: zero two channels of layer1.1's first BN.
     model.layer1[1].bn1.weight.data[[2, 5]] = 0
@@ -96,7 +86,7 @@ def test_removing_zero_channels_resnet20_internal_and_residual():
 
 
 def test_pruning_stage2_residual_cuts_shortcut_output():
-    model = _randomise_bn(create_model("resnet20", 10))
+    model = randomise_bn(create_model("resnet20", 10))
     # Stage-2 channels 0 and 31 come from the shortcut's zero padding; zero them in every bn2.
     for blk in model.layer2:
         blk.bn2.weight.data[[0, 31]] = 0
@@ -110,7 +100,7 @@ def test_pruning_stage2_residual_cuts_shortcut_output():
 
 
 def test_merging_identical_channels_sums_consumer_slices():
-    model = _randomise_bn(create_model("resnet20", 10))
+    model = randomise_bn(create_model("resnet20", 10))
     blk = model.layer2[1]
     clusters = [[c for c in range(32) if c not in (0, 3, 9)][i:i + 1] for i in range(29)] + [[0, 3, 9]]
     for c in (3, 9):  # make the cluster's filters and BN entries identical to channel 0's
@@ -126,7 +116,7 @@ def test_merging_identical_channels_sums_consumer_slices():
 
 
 def test_scale_multiplies_kept_consumer_slices():
-    model = _randomise_bn(OneByOneNet())
+    model = randomise_bn(OneByOneNet())
     reference = copy.deepcopy(model)
     graph = DependencyGraph(model)
     keep = [0, 2, 3, 5, 7]
@@ -147,7 +137,7 @@ def test_linear_consumer_after_flatten_of_spatial_map():
 
 
 def test_mobilenet_depthwise_follows_expand_group():
-    model = _randomise_bn(create_model("mobilenet_v2", 10))
+    model = randomise_bn(create_model("mobilenet_v2", 10))
     graph = DependencyGraph(model)
     group = graph.group_of("features.2.conv.0.0")  # expand 1x1 of block 2
     assert "features.2.conv.1.0" in group.followers  # its depthwise conv is cut along with it

@@ -2,7 +2,6 @@
 import math
 from pathlib import Path
 
-import pytest
 from mlflow.tracking import MlflowClient
 
 from search.config import load_config

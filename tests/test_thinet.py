@@ -19,15 +19,6 @@ from trainables.train import cosine_lr, evaluate, train_epoch
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine is shared: one thread is faster under contention and keeps runs bit-identical.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained():
     """A resnet20 trained briefly on digits (~97% validation accuracy), its loaders and calibration."""
