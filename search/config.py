@@ -357,19 +357,25 @@ class SweepConfig:
             if key == "method":
                 raise ConfigError(f"space.method: choose methods with the top-level 'methods' list, not in space "
                                   f"(got {spec!r})")
-            if key in declared and isinstance(spec, Mapping):
+            registered = {m: {hp.name: hp for hp in get_method_class(m).hyperparameters} for m in list_methods()}
+            if key in registered and isinstance(spec, Mapping):
                 for name in spec:
-                    if name not in declared[key]:
+                    if name not in registered[key]:
                         raise ConfigError(f"space.{key}.{name}: not a hyperparameter of {key} "
-                                          f"(valid: {', '.join(sorted(declared[key]))})")
-                scoped[key] = dict(spec)
+                                          f"(valid: {', '.join(sorted(registered[key]))})")
+                if key in declared:
+                    scoped[key] = dict(spec)
+                else:  # kept valid, so `--set methods=[...]` can drop a method a config narrows
+                    for name, value in spec.items():
+                        _narrow(registered[key][name], value, f"space.{key}.{name}", key, False)
+                    log.info("space.%s: %s is not in methods; its entry is ignored", key, key)
             elif key in owners:
                 plain[key] = spec
-            elif key in list_methods():
-                raise ConfigError(f"space.{key}: method {key!r} is not in methods ({', '.join(self.methods)})")
+            elif any(key in hps for hps in registered.values()):
+                log.info("space.%s: no selected method declares it; ignored", key)
             else:
-                raise ConfigError(f"space.{key}: not a hyperparameter of the selected methods "
-                                  f"({', '.join(self.methods)}; valid: {', '.join(all_names)})")
+                valid = sorted({n for hps in registered.values() for n in hps})
+                raise ConfigError(f"space.{key}: not a hyperparameter of any method (valid: {', '.join(valid)})")
         out: dict[str, dict[str, Hyperparameter]] = {}
         for m in self.methods:
             hps = dict(declared[m])
