@@ -99,15 +99,27 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
         else:  # embedded: this process already has torch loaded; a new worker would import it again
             _, base_metrics = ensure_base_model(settings)
         log.info("dense base ready in %.1fs: val accuracy %.4f", time.perf_counter() - t0, base_metrics["accuracy"])
-        client.log_metric(parent, "base_accuracy", base_metrics["accuracy"])
-        client.log_metric(parent, "base_test_accuracy", base_metrics["test_accuracy"])
+        logged = client.get_run(parent).data.metrics
+        for key, value in (("base_accuracy", base_metrics["accuracy"]),
+                           ("base_test_accuracy", base_metrics["test_accuracy"])):
+            if key not in logged:  # a resumed sweep logged them already
+                client.log_metric(parent, key, value)
 
         trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings),
                                         {"cpu": res.cpu, "gpu": res.gpu})
         tracker = MLflowTrialLogger(cfg.tracking_uri, parent)
+        if restore and not tune.Tuner.can_restore(str(exp_dir)):
+            log.warning("%s holds no Tune state yet (the driver stopped before Tune started): starting Tune afresh",
+                        exp_dir)
+            restore = False
         if restore:
+            # Tuner.restore brings back the searcher (the Optuna study, pickled with its trials: a trial
+            # that was running keeps its Tune trial id and so its Optuna trial), the callbacks (this
+            # sweep's MLflowTrialLogger, pickled in tuner.pkl) and every trial: finished ones are kept,
+            # unfinished ones continue from their last checkpoint. Errored trials stay errored: they
+            # were told to Optuna as FAIL and recorded FAILED, and used up their retries already.
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
+                                       resume_errored=False, restart_errored=False)
         else:
             searcher = ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler(cfg.sampler, cfg.seed), cfg.seed)
             tuner = tune.Tuner(

@@ -5,6 +5,14 @@ they arrive (step = epoch), and at the end the child gets the final metrics, the
 weights + spec as artifacts, and status FINISHED or FAILED (with the reason as a tag). A child is
 found again by its ``prunetune.trial_id`` tag, so a restarted trial or a resumed sweep keeps one
 run per trial.
+
+Resuming after a driver fault: Tune restores the trials as they were in its last experiment-state
+snapshot, which lags the kill by up to its checkpoint period, while MLflow saw everything up to the
+kill. So (1) a step already in a run's metric history is never logged again (a trial restarted from
+an older checkpoint re-reports those epochs); (2) a run already FINISHED or FAILED is not touched
+again; (3) at the first step after a restore, a child whose trial is not among Tune's trials (it was
+created after the snapshot; Tune will create a different trial in its place) is deleted, and a
+child whose trial Tune has as finished or errored is given that status.
 """
 from __future__ import annotations
 
@@ -59,6 +67,8 @@ class MLflowTrialLogger(Callback):
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
         self._done: set[str] = set()
+        self._steps: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps already logged
+        self._reconciled = False
 
     # Tune pickles callbacks into its experiment state; the client is rebuilt on demand.
     def __getstate__(self):
@@ -79,6 +89,36 @@ class MLflowTrialLogger(Callback):
                         self._done.add(tid)
         return self._client
 
+    def _logged_steps(self, run_id: str) -> dict[str, set[int]]:
+        """Steps per metric already in a run (read once from MLflow for a run made before)."""
+        if run_id not in self._steps:
+            self._steps[run_id] = {key: {m.step for m in self.client.get_metric_history(run_id, key)}
+                                   for key in LOGGED_METRICS}
+        return self._steps[run_id]
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self._reconciled:
+            self._reconciled = True
+            self._reconcile(trials)
+
+    def _reconcile(self, trials) -> None:
+        """Match the children left by an earlier driver with the trials Tune restored."""
+        by_id = {t.trial_id: t for t in trials}
+        _ = self.client  # reads the children already recorded for this sweep
+        for tid, run_id in list(self._runs.items()):
+            trial = by_id.get(tid)
+            if trial is None:
+                log.warning("trial %s is not in the restored Tune state (started after its last snapshot): "
+                            "deleting its MLflow run %s", tid, run_id)
+                self.client.set_tag(run_id, "prunetune.orphaned", "not in the restored Tune experiment state")
+                self.client.delete_run(run_id)
+                del self._runs[tid]
+                self._done.discard(tid)
+            elif tid not in self._done and trial.status == "TERMINATED":
+                self.on_trial_complete(iteration=0, trials=trials, trial=trial)
+            elif tid not in self._done and trial.status == "ERROR":
+                self.on_trial_error(iteration=0, trials=trials, trial=trial)
+
     def _run_for(self, trial) -> str:
         client = self.client
         tid = trial.trial_id
@@ -92,6 +132,7 @@ class MLflowTrialLogger(Callback):
                 Param(k[len(prefix):], _param_value(v)) for k, v in sorted(trial.config.items()) if k.startswith(prefix)]
             client.log_batch(run.info.run_id, params=params)
             self._runs[tid] = run.info.run_id
+            self._steps[run.info.run_id] = {}
         return self._runs[tid]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -101,10 +142,16 @@ class MLflowTrialLogger(Callback):
         run_id = self._run_for(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
+        logged = self._logged_steps(run_id)
+        # A step already logged is an epoch re-run after a restart from an older checkpoint: the
+        # history keeps its first record of each epoch.
         metrics = [Metric(k, float(result[k]), now, step) for k in LOGGED_METRICS
-                   if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))]
+                   if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))
+                   and step not in logged.get(k, ())]
         tags = [RunTag("stage", str(result.get("stage", "")))]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        for m in metrics:
+            logged.setdefault(m.key, set()).add(step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
