@@ -25,7 +25,7 @@ def _free_port():
 def test_model_that_does_not_fit_the_input_is_refused():
     with pytest.raises(ConfigError, match=r"^model: vgg16_cifar does not run on digits input \(1, 8, 8\)"):
         preflight(_cfg("model=vgg16_cifar"))
-    preflight(_cfg("model=vgg16_cifar", "image_size=32"))  # the fix the message suggests
+    preflight(_cfg("model=vgg16_cifar", "image_size=32", "methods=[l1_norm, thinet]"))  # the suggested fix
 
 
 def test_weights_file_that_needs_pickle_is_refused(tmp_path):
