@@ -84,6 +84,11 @@ class PruningMethod(ABC):
     def make_optimizer(self, model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
+    def make_finetune_optimizer(self, model: nn.Module, lr: float, momentum: float,
+                                weight_decay: float) -> torch.optim.Optimizer:
+        """Optimizer for the fine-tune of the pruned model (plain SGD over every parameter)."""
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
     def extra_loss(self, model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor,
                    targets: torch.Tensor) -> torch.Tensor | None:
         """A term added to the mean cross-entropy during the phase."""

@@ -293,6 +293,12 @@ class ManiDP(PruningMethod):
         return torch.optim.SGD([{"params": main, "weight_decay": weight_decay},
                                 {"params": gates, "weight_decay": 0.0}], lr=lr, momentum=momentum)
 
+    def make_finetune_optimizer(self, model: nn.Module, lr: float, momentum: float,
+                                weight_decay: float) -> torch.optim.Optimizer:
+        # The gated model keeps its gates through the fine-tune; as in the official code, they
+        # carry no weight decay there either.
+        return self.make_optimizer(model, lr, momentum, weight_decay)
+
     def extra_loss(self, model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor,
                    targets: torch.Tensor) -> torch.Tensor | None:
         records = [self._records[n] for n in self._gate_names if n in self._records]

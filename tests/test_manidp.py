@@ -287,3 +287,15 @@ def test_export_and_save_load_round_trip(phase, tmp_path):
         {n: float(g.threshold) for n, g in named_gates(pruned)}
     with torch.no_grad():
         assert torch.equal(reloaded(x), expected)
+
+
+def test_gates_carry_no_weight_decay_in_the_finetune():
+    method = create_method("manidp", prune_ratio=0.5, phase_epochs=1)
+    model = method.prepare(create_model("resnet20", 10, in_channels=1))
+    pruned = method.prune(model, PruneContext((1, 8, 8), calibration=[(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))]))
+    optimizer = method.make_finetune_optimizer(pruned, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    gate_ids = {id(p) for _, g in named_gates(pruned) for p in g.parameters()}
+    assert gate_ids and all(decay[i] == 0.0 for i in gate_ids)
+    assert all(w == 5e-4 for i, w in decay.items() if i not in gate_ids)
+    assert len(decay) == len(list(pruned.parameters()))

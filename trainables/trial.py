@@ -99,8 +99,8 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
             model.load_state_dict(torch.load(Path(resume_from) / PHASE_WEIGHTS, map_location="cpu", weights_only=True))
             method.load_state_dict(state["method"])
     model.to(device)
-    optimizer = (torch.optim.SGD(model.parameters(), lr=plan.finetune.lr, momentum=plan.finetune.momentum,
-                                 weight_decay=plan.finetune.weight_decay) if pruned else
+    optimizer = (method.make_finetune_optimizer(model, lr=plan.finetune.lr, momentum=plan.finetune.momentum,
+                                                weight_decay=plan.finetune.weight_decay) if pruned else
                  method.make_optimizer(model, lr=settings.finetune.lr, momentum=settings.finetune.momentum,
                                        weight_decay=settings.finetune.weight_decay))
     if resume_from is not None and state.get("optimizer"):
@@ -117,8 +117,8 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
         )
         model = method.prune(model, context).to(device)
         pruned = True
-        optimizer = torch.optim.SGD(model.parameters(), lr=plan.finetune.lr, momentum=plan.finetune.momentum,
-                                    weight_decay=plan.finetune.weight_decay)
+        optimizer = method.make_finetune_optimizer(model, lr=plan.finetune.lr, momentum=plan.finetune.momentum,
+                                                   weight_decay=plan.finetune.weight_decay)
         log.info("%s pruned in %.1fs", method_name, time.perf_counter() - t0)
 
     if not pruned and plan.phase_epochs == 0:
