@@ -40,11 +40,23 @@ def _param_value(v: Any) -> str:
     return str(v)[:6000]
 
 
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts. With SQLite, MLflow's default is ``./mlruns``
+    in whatever directory the driver runs from; keep them beside the database instead. Servers
+    choose their own (None)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    db = Path(tracking_uri[len(prefix):]).resolve()
+    return (db.parent / "mlartifacts" / experiment).as_uri()
+
+
 def open_parent_run(client: MlflowClient, experiment: str, parent_run_id: str | None, params: dict[str, Any],
                     tags: dict[str, str]) -> str:
     """Reuse ``parent_run_id`` if given (a resumed sweep), else create the sweep's parent run."""
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=artifact_location(client.tracking_uri, experiment))
     if parent_run_id:
         client.update_run(parent_run_id, status="RUNNING")
         return parent_run_id

@@ -41,6 +41,10 @@ def test_sweep_records_parent_children_and_front(tiny_sweep):
     assert tagged == expected and tagged
     assert {r.info.run_id for r in children if r.data.tags.get("pareto") == "false"} == \
         {r.info.run_id for r in children} - expected
+    # Artifacts live beside the SQLite database, not in ./mlruns of whatever directory ran the sweep.
+    db_dir = Path(cfg.tracking_uri[len("sqlite:///"):]).parent
+    for run in [parent] + children:
+        assert run.info.artifact_uri.startswith((db_dir / "mlartifacts").as_uri()), run.info.artifact_uri
     parent_artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"pareto_front.png", "pareto_front.csv"} <= parent_artifacts
     assert math.isclose(parent.data.metrics["hypervolume"], result.hypervolume)
