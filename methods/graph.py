@@ -153,7 +153,7 @@ class DependencyGraph:
                 self._consume(src, name, 1)
                 self._space[node] = self._new(m.out_channels, producers=[name])
                 users = list(node.users)
-                if len(users) == 1 and users[0].op == "call_module" and isinstance(modules_get(self.model, users[0].target), nn.BatchNorm2d):
+                if len(users) == 1 and users[0].op == "call_module" and isinstance(self.model.get_submodule(users[0].target), nn.BatchNorm2d):
                     self.next_module[name] = users[0].target
             elif m.groups == m.in_channels == m.out_channels:
                 self._info[self._find(src)].followers.append(name)
@@ -239,6 +239,3 @@ class DependencyGraph:
         name = self.next_module.get(group.producers[0])
         return self.model.get_submodule(name) if name else None
 
-
-def modules_get(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)

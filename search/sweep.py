@@ -71,7 +71,9 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from trainables.base_model import ensure_base_model
+    from methods.cost import profile
+    from trainables.base_model import build_model, ensure_base_model
+    from trainables.workspace import load_data
     from trainables.tune_trainable import trial_fn
 
     from .fronts import record_front
@@ -132,12 +134,8 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     callbacks=[tracker], verbose=1),
             )
-        results = tuner.fit()
+        tuner.fit()
         failed = sum(1 for r in child_runs(client, parent) if r.info.status == "FAILED")
-        from trainables.base_model import build_model  # noqa: F401  (dense MACs for the reference)
-        from methods.cost import profile
-        from trainables.workspace import load_data
-
         dense_macs = profile(build_model(settings), tuple(load_data(settings).input_shape)).macs
         summary = record_front(client, parent, exp_dir / "front", dense_macs=dense_macs)
         client.set_terminated(parent, status="FINISHED")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .data import make_loader
-from .model_io import load_model, model_spec, save_model
+from .model_io import model_spec, save_model
 from .models import create_model
 from .settings import TrialSettings
 from .train import cosine_lr, evaluate, pick_device, train_epoch
@@ -77,7 +77,3 @@ def ensure_base_model(settings: TrialSettings) -> tuple[Path, dict]:
     log.info("trained dense base model in %.1fs: val accuracy %.4f -> %s", metrics["seconds"], val_acc, target)
     return target, json.loads((target / METRICS).read_text())
 
-
-def load_base_model(settings: TrialSettings) -> torch.nn.Module:
-    model, _ = load_model(base_model_dir(settings))
-    return model
