@@ -56,26 +56,29 @@ def prune_group(graph: DependencyGraph, group: ChannelGroup, keep: Sequence[int]
         if members != list(range(size)) or any(len(cl) == 0 for cl in clusters):
             raise SurgeryError(f"clusters of {group.name} must partition its {size} channels")
         keep = [int(cl[0]) for cl in clusters]
-    keep_t = torch.as_tensor(list(keep) if not isinstance(keep, torch.Tensor) else keep, dtype=torch.long).flatten()
+    # Index tensors live where the weights do (index_select and index_add_ refuse a CPU index on CUDA).
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    keep_t = torch.as_tensor(list(keep) if not isinstance(keep, torch.Tensor) else keep,
+                             dtype=torch.long).flatten().to(device)
     if keep_t.numel() == 0:
         raise SurgeryError(f"cannot remove every channel of {group.name}")
     if keep_t.unique().numel() != keep_t.numel() or keep_t.min() < 0 or keep_t.max() >= size:
         raise SurgeryError(f"keep indices for {group.name} must be distinct and in [0, {size})")
-    removed = torch.tensor(sorted(set(range(size)) - set(keep_t.tolist())), dtype=torch.long)
+    removed = torch.tensor(sorted(set(range(size)) - set(keep_t.tolist())), dtype=torch.long, device=device)
     # Old channel -> new position; merged channels point to their cluster's kept channel.
-    new_pos = torch.full((size,), -1, dtype=torch.long)
-    new_pos[keep_t] = torch.arange(keep_t.numel())
+    new_pos = torch.full((size,), -1, dtype=torch.long, device=device)
+    new_pos[keep_t] = torch.arange(keep_t.numel(), device=device)
     if clusters is not None:
         for i, cl in enumerate(clusters):
-            new_pos[torch.as_tensor(list(cl))] = i
+            new_pos[torch.as_tensor(list(cl), device=device)] = i
 
     for name, per_channel in group.consumers:
         m = model.get_submodule(name)
         if isinstance(m, ChannelPadShortcut):
-            if constants is not None and removed.numel() and bool((constants[removed] != 0).any()):
+            if constants is not None and removed.numel() and bool((constants.to(device)[removed] != 0).any()):
                 raise SurgeryError(f"cannot fold constant channels through shortcut {name}")
-            src = m.source
-            m.source = torch.where(src >= 0, new_pos[src.clamp(min=0)], src)
+            src = m.source.to(device)
+            m.source = torch.where(src >= 0, new_pos[src.clamp(min=0)], src).to(m.source.device)
             m.in_channels = keep_t.numel()
             continue
         w = m.weight
@@ -85,7 +88,7 @@ def prune_group(graph: DependencyGraph, group: ChannelGroup, keep: Sequence[int]
         else:
             w3 = w.data.view(w.shape[0], size, per_channel)
         if constants is not None and removed.numel():
-            c = constants.to(w3.dtype)[removed]
+            c = constants.to(w3)[removed]
             dims = tuple(range(2, w3.dim()))
             delta = (w3[:, removed].sum(dim=dims) * c).sum(dim=1)
             _fold_bias(graph, name, m, delta)
@@ -96,7 +99,7 @@ def prune_group(graph: DependencyGraph, group: ChannelGroup, keep: Sequence[int]
         else:
             w3 = w3.index_select(1, keep_t)
         if scale is not None:
-            s = scale.to(w3.dtype).view(1, -1, *([1] * (w3.dim() - 2)))
+            s = scale.to(w3).view(1, -1, *([1] * (w3.dim() - 2)))
             w3 = w3 * s
         if isinstance(m, nn.Conv2d):
             m.weight = _param(w3, w)
@@ -108,7 +111,7 @@ def prune_group(graph: DependencyGraph, group: ChannelGroup, keep: Sequence[int]
     for name in group.producers:
         m = model.get_submodule(name)
         if isinstance(m, ChannelPadShortcut):
-            m.source = m.source[keep_t]
+            m.source = m.source[keep_t.to(m.source.device)]
             continue
         m.weight = _param(m.weight[keep_t], m.weight)
         if m.bias is not None:
