@@ -26,7 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["LoopbackCluster", "free_port", "proc_info", "trial_results", "live_trial_results"]
+__all__ = ["LoopbackCluster", "free_port", "proc_info", "trial_results", "live_trial_results", "tune_state"]
 
 MARK = "PRUNETUNE_TEST_CLUSTER_MARK"
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,3 +192,21 @@ def live_trial_results(cluster: LoopbackCluster, storage: Path, name: str) -> di
             if len(rows) > len(out.get(tid, [])):
                 out[tid] = rows
     return out
+
+
+def tune_state(exp_dir: Path) -> dict[str, dict] | None:
+    """Trial id -> {status, epoch} from the newest experiment state Tune has synced to the sweep dir."""
+    files = sorted(glob.glob(str(exp_dir / "experiment_state-*.json")))
+    if not files:
+        return None
+    try:
+        data = json.loads(Path(files[-1]).read_text())
+    except (OSError, ValueError):
+        return None  # being written
+    trials = {}
+    for trial_json, meta in data["trial_data"]:
+        trial = json.loads(trial_json)
+        meta = json.loads(meta) if isinstance(meta, str) else meta
+        epoch = (meta.get("last_result") or {}).get("epoch", 0)
+        trials[trial["trial_id"]] = {"status": trial["status"], "epoch": epoch}
+    return trials

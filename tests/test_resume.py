@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
+from loopback_cluster import tune_state
 from search.fronts import DIRECTIONS
 from search.pareto import front
 from search.sweep import STATE_FILE
@@ -73,24 +74,6 @@ def _kill_by_pid(pids) -> None:
             pass
 
 
-def _tune_state(exp_dir: Path) -> dict[str, dict] | None:
-    """Trial id -> {status, epoch} from the newest experiment state Tune has synced to the sweep dir."""
-    files = sorted(glob.glob(str(exp_dir / "experiment_state-*.json")))
-    if not files:
-        return None
-    try:
-        data = json.loads(Path(files[-1]).read_text())
-    except (OSError, ValueError):
-        return None  # being written
-    trials = {}
-    for trial_json, meta in data["trial_data"]:
-        trial = json.loads(trial_json)
-        meta = json.loads(meta) if isinstance(meta, str) else meta
-        epoch = (meta.get("last_result") or {}).get("epoch", 0)
-        trials[trial["trial_id"]] = {"status": trial["status"], "epoch": epoch}
-    return trials
-
-
 def _result_epochs(exp_dir: Path, trial_id: str) -> list[int]:
     (path,) = glob.glob(str(exp_dir / f"*_{trial_id}_*" / "result.json"))
     return [json.loads(line)["epoch"] for line in Path(path).read_text().splitlines() if line.strip()]
@@ -121,7 +104,7 @@ def test_killed_sweep_resumes_with_same_parent_trials_and_study(tmp_path):
             dirs = glob.glob(str(storage / "resume-*" / STATE_FILE))
             if dirs:
                 exp_dir = Path(dirs[0]).parent
-                snapshot = _tune_state(exp_dir)
+                snapshot = tune_state(exp_dir)
                 if snapshot and any(t["status"] == "TERMINATED" for t in snapshot.values()) and any(
                         t["status"] == "RUNNING" and 1 <= t["epoch"] < FINETUNE_EPOCHS for t in snapshot.values()):
                     break
@@ -145,7 +128,7 @@ def test_killed_sweep_resumes_with_same_parent_trials_and_study(tmp_path):
         parent_id = state["parent_run_id"]
         client = MlflowClient(tracking_uri)
         assert client.get_run(parent_id).info.status == "RUNNING"  # killed: nobody closed it
-        snapshot = _tune_state(exp_dir)  # what the resume restores (no more writes after the kill)
+        snapshot = tune_state(exp_dir)  # what the resume restores (no more writes after the kill)
         done_before = {tid for tid, t in snapshot.items() if t["status"] == "TERMINATED"}
         running_before = {tid: t["epoch"] for tid, t in snapshot.items()
                           if t["status"] == "RUNNING" and t["epoch"] >= 1}
@@ -175,7 +158,7 @@ def test_killed_sweep_resumes_with_same_parent_trials_and_study(tmp_path):
         trial_ids = [r.data.tags[TRIAL_TAG] for r in children]
         assert len(children) == NUM_TRIALS and len(set(trial_ids)) == NUM_TRIALS, trial_ids
         assert all(r.info.status == "FINISHED" for r in children), [r.info.status for r in children]
-        final = _tune_state(exp_dir)
+        final = tune_state(exp_dir)
         assert set(final) == set(trial_ids) and all(t["status"] == "TERMINATED" for t in final.values())
         for run in children:
             for key in ("accuracy", "macs", "test_accuracy", "loss"):

@@ -1,4 +1,4 @@
-"""Node fault, end to end on a real two-node Ray cluster on loopback (issue #7).
+"""Node and driver faults, end to end on a real two-node Ray cluster on loopback (issue #7).
 
 The test starts a head node and a worker node with ``ray start`` (1 CPU each, a private temp dir;
 ``tests/loopback_cluster.py``), runs a sweep in a driver subprocess that joins the cluster via
@@ -7,11 +7,15 @@ an epoch (and so saved a checkpoint). The trial must be retried (``max_failures`
 checkpoint on the surviving node; every trial finishes with all its epochs, and MLflow holds
 exactly one FINISHED child run per trial with each epoch's metrics recorded once. Every process of
 the cluster is killed by PID at the end. About 80 s on 2 cores; CI runs it.
+
+The second test SIGKILLs a driver joined to the cluster and resumes the sweep there.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -20,7 +24,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from loopback_cluster import LoopbackCluster, live_trial_results, proc_info, trial_results
+from loopback_cluster import LoopbackCluster, live_trial_results, proc_info, trial_results, tune_state
+from search.fronts import DIRECTIONS
+from search.pareto import front
+from search.sweep import STATE_FILE
 from search.tracking import TRIAL_TAG, child_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,3 +119,81 @@ def test_trial_survives_worker_node_death(tmp_path):
         for key in ("accuracy", "macs", "loss"):
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
             assert steps == list(range(1, FINETUNE_EPOCHS + 1)), (run.data.tags[TRIAL_TAG], key, steps)
+
+
+def _cli() -> list[str]:
+    exe = shutil.which("prunetune")
+    return [exe] if exe else [sys.executable, "-m", "search.cli"]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(900)
+def test_driver_killed_while_joined_to_a_cluster_resumes_there(tmp_path):
+    """The driver of a sweep joined to a cluster is SIGKILLed (the cluster lives on: only the
+    driver's job and its trial actors end); `prunetune resume` joins the same cluster again and
+    finishes the budget on both nodes with the same parent run, one child run per trial, finished
+    trials kept and running ones continued from their checkpoints."""
+    storage, tracking_uri = tmp_path / "ray", f"sqlite:///{tmp_path}/mlflow.db"
+    num_trials, epochs = 4, 6
+    with LoopbackCluster(tmp_path) as cluster:
+        cluster.start_head()
+        worker_raylet = cluster.raylet_pid(cluster.add_worker())
+        overrides = ["methods=[l1_norm]", "space={prune_ratio: [0.3, 0.6]}", f"num_trials={num_trials}",
+                     "max_concurrent_trials=2", "base.epochs=2", f"finetune.epochs={epochs}", "sampler=random",
+                     f"address={cluster.address}", "name=clusterdriver", f"tracking_uri={tracking_uri}",
+                     f"storage_path={storage}"]
+        with open(tmp_path / "run.log", "wb") as log:
+            driver = cluster.spawn(_cli() + ["run", str(QUICKSTART)] + [a for o in overrides for a in ("--set", o)],
+                                   log)
+            # 1. Wait until Tune's synced state has a finished trial and a running one with a checkpoint.
+            exp_dir, snapshot, deadline = None, None, time.monotonic() + 400
+            while time.monotonic() < deadline and driver.poll() is None:
+                dirs = glob.glob(str(storage / "clusterdriver-*" / STATE_FILE))
+                if dirs:
+                    exp_dir = Path(dirs[0]).parent
+                    snapshot = tune_state(exp_dir)
+                    if snapshot and any(t["status"] == "TERMINATED" for t in snapshot.values()) and any(
+                            t["status"] == "RUNNING" and 1 <= t["epoch"] < epochs for t in snapshot.values()):
+                        break
+                time.sleep(0.2)
+            else:
+                pytest.fail(f"never a finished and a running trial at once (exit {driver.poll()}):\n"
+                            + (tmp_path / "run.log").read_text()[-3000:])
+            # 2. SIGKILL the driver (its own session: the cluster's daemons are not in it).
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
+        assert proc_info(worker_raylet), "the worker node died with the driver"
+        snapshot = tune_state(exp_dir)
+        done_before = {tid for tid, t in snapshot.items() if t["status"] == "TERMINATED"}
+        client = MlflowClient(tracking_uri)
+        parent_id = json.loads((exp_dir / STATE_FILE).read_text())["parent_run_id"]
+        finished_before = {r.data.tags[TRIAL_TAG]: r for r in child_runs(client, parent_id)
+                           if r.info.status == "FINISHED"}
+        assert done_before and done_before <= set(finished_before)
+
+        # 3. Resume: it joins the same cluster (the address is in the sweep's saved config).
+        with open(tmp_path / "resume.log", "wb") as log:
+            resume = cluster.spawn(_cli() + ["resume", str(exp_dir)], log)
+            rc = resume.wait(timeout=480)
+        output = (tmp_path / "resume.log").read_text()
+        assert rc == 0, output[-4000:]
+        assert f"joining Ray cluster at {cluster.address}" in output
+
+    # 4. Tune and MLflow: every trial once, complete; finished ones untouched; the front is the
+    #    front of all recorded trials.
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    children = child_runs(client, parent_id)
+    trial_ids = [r.data.tags[TRIAL_TAG] for r in children]
+    assert len(children) == num_trials and len(set(trial_ids)) == num_trials, trial_ids
+    assert all(r.info.status == "FINISHED" for r in children)
+    results = trial_results(exp_dir)
+    assert set(results) == set(trial_ids)
+    for tid, rows in results.items():
+        assert {r["epoch"] for r in rows} == set(range(1, epochs + 1)), (tid, [r["epoch"] for r in rows])
+    by_tid = {r.data.tags[TRIAL_TAG]: r for r in children}
+    for tid in done_before:
+        assert [r["epoch"] for r in results[tid]] == list(range(1, epochs + 1))  # not re-run
+        assert by_tid[tid].info.end_time == finished_before[tid].info.end_time
+    points = [(r.data.metrics["accuracy"], r.data.metrics["macs"]) for r in children]
+    expected = {children[i].info.run_id for i in front(points, DIRECTIONS)}
+    assert {r.info.run_id for r in children if r.data.tags.get("pareto") == "true"} == expected
