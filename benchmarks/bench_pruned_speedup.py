@@ -57,6 +57,8 @@ def main():
     ap.add_argument("--model", default="resnet56", help="any trainables.models name, e.g. resnet50")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--compile", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                    help="time torch.compile'd models (mode; reduce-overhead adds CUDA graphs)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -78,15 +80,18 @@ def main():
     if args.device == "cuda":
         dense, masked, pruned = (m.to("cuda", memory_format=torch.channels_last) for m in (dense, masked, pruned))
         x = x.to("cuda").contiguous(memory_format=torch.channels_last)
-    for m in (dense, masked, pruned):  # warm-up
-        time_forward(m, x, 2)
+    if args.compile:
+        dense, masked, pruned = (torch.compile(m, mode=args.compile) for m in (dense, masked, pruned))
+    for m in (dense, masked, pruned):  # warm-up (and compilation, with --compile)
+        time_forward(m, x, 3)
     rounds = {"dense": [], "masked": [], "pruned": []}
     for _ in range(args.rounds):
         for name, m in (("dense", dense), ("masked", masked), ("pruned", pruned)):
             rounds[name].append(time_forward(m, x, args.repeats))
     med = {k: statistics.median(v) for k, v in rounds.items()}
     where = torch.cuda.get_device_name() + ", bf16 autocast" if args.device == "cuda" else f"CPU, torch threads {torch.get_num_threads()}"
-    print(f"{args.model}, 3x{args.image_size}x{args.image_size}, batch {args.batch}, {where}, l1_norm prune_ratio {args.ratio}")
+    mode = f", torch.compile {args.compile}" if args.compile else ", eager"
+    print(f"{args.model}, 3x{args.image_size}x{args.image_size}, batch {args.batch}, {where}{mode}, l1_norm prune_ratio {args.ratio}")
     print(f"MACs dense {dense_cost.macs/1e6:.2f} M -> pruned {pruned_cost.macs/1e6:.2f} M "
           f"({1 - pruned_cost.macs/dense_cost.macs:.1%} removed, MACs ratio {dense_cost.macs/pruned_cost.macs:.2f}x)")
     print(f"params dense {dense_cost.params/1e6:.3f} M -> pruned {pruned_cost.params/1e6:.3f} M")
