@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     resume = sub.add_parser("resume", help="continue an interrupted sweep")
-    resume.add_argument("experiment_dir", help="the sweep directory printed by `prunetune run`")
+    resume.add_argument("experiment_dir", help="the sweep directory printed by `prunetune run`: a folder or a "
+                        "storage URI such as s3://bucket/prefix/NAME-YYYYmmdd-HHMMSS")
     resume.set_defaults(func=_cmd_resume)
 
     meth = sub.add_parser("methods", help="list the pruning methods and their search spaces")

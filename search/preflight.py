@@ -1,11 +1,14 @@
 """Checks that need more than the config file itself, run before any work starts: the model builds
 and runs on the data set's input, a weights file loads with ``weights_only=True``, the MLflow
-tracking server and the Ray cluster answer. Each failure is one ``ConfigError`` line naming the
+tracking server and the Ray cluster answer, ``storage_path`` can be written. Each failure is one ``ConfigError`` line naming the
 field; each network probe gives up after a few seconds instead of hanging."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import threading
+import uuid
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -15,7 +18,7 @@ from methods.errors import ConfigError
 
 from .config import SweepConfig
 
-__all__ = ["preflight", "check_model", "check_tracking_uri", "check_ray_address"]
+__all__ = ["preflight", "check_model", "check_tracking_uri", "check_ray_address", "check_storage_path"]
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 10.0
@@ -24,6 +27,7 @@ PROBE_TIMEOUT_S = 10.0
 def preflight(cfg: SweepConfig) -> None:
     check_model(cfg)
     check_tracking_uri(cfg.tracking_uri)
+    check_storage_path(cfg.storage_path)
     if cfg.address:
         check_ray_address(cfg.address)
 
@@ -130,3 +134,39 @@ def check_ray_address(address: str) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"address: cannot reach Ray at {address} ({exc})") from None
+
+
+def check_storage_path(location: str) -> None:
+    """A local folder: it (or its nearest existing parent, nothing is created) is a writable folder.
+    A URI (``s3://...``): the filesystem resolves and a probe object can be written and deleted there,
+    with this process's credentials, within ``PROBE_TIMEOUT_S``."""
+    from trainables import storage
+
+    if not storage.is_uri(location) or location.startswith("file://"):
+        path = storage.local_path(location)
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"storage_path: {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"storage_path: folder {existing} is not writable")
+        return
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:  # resolving an s3:// URI may ask the bucket for its region: inside the time limit too
+        try:
+            target = storage.join(location, f".prunetune-preflight-{uuid.uuid4().hex}")
+            storage.write_text(target, "")
+            storage.delete(target)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001  (reported below as one line)
+            outcome.append(exc)
+
+    worker = threading.Thread(target=probe, name="prunetune-storage-probe", daemon=True)
+    worker.start()
+    worker.join(PROBE_TIMEOUT_S)
+    if not outcome:
+        raise ConfigError(f"storage_path: {location} did not answer within {PROBE_TIMEOUT_S:.0f} s")
+    exc = outcome[0]
+    if exc is not None:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"storage_path: cannot write to {location} ({first})") from None

@@ -2,7 +2,10 @@
 (trained once, on a worker), run Tune with the Pareto Optuna searcher, then record the front.
 
 ``run_sweep(config)`` starts a new sweep in ``storage_path/<name>-<timestamp>``;
-``resume_sweep(dir)`` continues an interrupted one with the same parent run.
+``resume_sweep(dir)`` continues an interrupted one with the same parent run. ``storage_path`` (and so
+the sweep directory) is a local/NFS folder or an object-store URI (``s3://bucket/prefix``, see
+``trainables.storage``): the state file, Tune's experiment state, the checkpoints, the base models and
+a copy of the front go there; the driver keeps only temporary files on its own disk.
 """
 from __future__ import annotations
 
@@ -10,10 +13,13 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from trainables import storage
 
 from .config import SweepConfig, config_from_dict
 
@@ -25,7 +31,7 @@ STATE_FILE = "prunetune_sweep.json"
 
 @dataclass
 class SweepResult:
-    experiment_dir: Path
+    experiment_dir: Path | str  # a Path for a local/NFS sweep directory, the URI string for an object store
     parent_run_id: str
     finished: int
     failed: int
@@ -45,7 +51,7 @@ def settings_from_config(cfg: SweepConfig):
         model=cfg.model, dataset=cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
         image_size=cfg.image_size, model_kwargs=dict(cfg.model_kwargs), seed=cfg.seed,
         base=train(cfg.base), finetune=train(cfg.finetune), latency_batch_size=cfg.latency_batch_size,
-        calibration_batches=cfg.calibration_batches, base_dir=os.path.join(cfg.storage_path, "base_models"),
+        calibration_batches=cfg.calibration_batches, base_dir=storage.join(cfg.storage_path, "base_models"),
         use_gpu=cfg.resources_per_trial.gpu > 0,
     )
 
@@ -66,7 +72,31 @@ def _init_ray(cfg: SweepConfig) -> bool:
     return True
 
 
-def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bool) -> SweepResult:
+def _tune_location(exp_dir: str) -> tuple[str, dict[str, Any]]:
+    """(path, storage kwargs) for Tune. A URI is resolved here and handed over as the bare path plus
+    ``storage_filesystem``, so its query options (endpoint, scheme, region) never pass through Ray's
+    own URI parsing; the filesystem pickles without credentials (each process resolves its own)."""
+    if not storage.is_uri(exp_dir):
+        return exp_dir, {}
+    fs, path = storage.resolve(exp_dir)
+    return path, {"storage_filesystem": fs}
+
+
+def _record_front(client, parent: str, exp_dir: str, dense_macs: float) -> dict:
+    """``record_front`` writes the CSV and PNG into a folder and logs them to MLflow; for an object
+    store that folder is temporary and its files are also copied to ``exp_dir/front``."""
+    from .fronts import record_front
+
+    local = storage.local_path(exp_dir)
+    if local is not None:
+        return record_front(client, parent, local / "front", dense_macs=dense_macs)
+    with tempfile.TemporaryDirectory(prefix="prunetune-front-") as tmp:
+        summary = record_front(client, parent, Path(tmp), dense_macs=dense_macs)
+        storage.upload_dir(tmp, storage.join(exp_dir, "front"))
+    return summary
+
+
+def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: bool) -> SweepResult:
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
@@ -76,7 +106,6 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
     from trainables.workspace import load_data
     from trainables.tune_trainable import trial_fn
 
-    from .fronts import record_front
     from .searcher import ParetoOptunaSearch, make_sampler
     from .space import make_space
     from .tracking import MLflowTrialLogger, child_runs, open_parent_run
@@ -85,8 +114,7 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
     parent = open_parent_run(client, cfg.name, parent_run_id, _flatten(cfg.to_dict()),
                              {"prunetune.experiment_dir": str(exp_dir)})
     state = {"parent_run_id": parent, "tracking_uri": cfg.tracking_uri, "config": cfg.to_dict()}
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    (exp_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+    storage.write_text(storage.join(exp_dir, STATE_FILE), json.dumps(state, indent=1))
     log.info("MLflow parent run %s in experiment %r (%s)", parent, cfg.name, cfg.tracking_uri)
 
     started = _init_ray(cfg)
@@ -96,7 +124,10 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
         log.info("dense base model: training or reusing %s on %s", cfg.model, cfg.dataset)
         t0 = time.perf_counter()
         if cfg.address:  # on a cluster: train where the trials' resources (GPUs) are
-            base_task = ray.remote(num_cpus=res.cpu, num_gpus=math.ceil(res.gpu))(ensure_base_model)
+            # The same credential variables Tune forwards to its trial actors (an object-store base_dir).
+            env = storage.forwarded_env()
+            base_task = ray.remote(num_cpus=res.cpu, num_gpus=math.ceil(res.gpu),
+                                   **({"runtime_env": {"env_vars": env}} if env else {}))(ensure_base_model)
             _, base_metrics = ray.get(base_task.remote(settings))
         else:  # embedded: this process already has torch loaded; a new worker would import it again
             _, base_metrics = ensure_base_model(settings)
@@ -110,7 +141,8 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
         trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings),
                                         {"cpu": res.cpu, "gpu": res.gpu})
         tracker = MLflowTrialLogger(cfg.tracking_uri, parent)
-        if restore and not tune.Tuner.can_restore(str(exp_dir)):
+        tune_path, tune_storage = _tune_location(exp_dir)
+        if restore and not tune.Tuner.can_restore(tune_path, **tune_storage):
             log.warning("%s holds no Tune state yet (the driver stopped before Tune started): starting Tune afresh",
                         exp_dir)
             restore = False
@@ -120,8 +152,8 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
             # sweep's MLflowTrialLogger, pickled in tuner.pkl) and every trial: finished ones are kept,
             # unfinished ones continue from their last checkpoint. Errored trials stay errored: they
             # were told to Optuna as FAIL and recorded FAILED, and used up their retries already.
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False, **tune_storage)
         else:
             searcher = ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler(cfg.sampler, cfg.seed), cfg.seed)
             tuner = tune.Tuner(
@@ -129,7 +161,7 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
                 tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cfg.num_trials,
                                             max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
                 run_config=tune.RunConfig(
-                    name=exp_dir.name, storage_path=str(exp_dir.parent),
+                    name=os.path.basename(tune_path), storage_path=os.path.dirname(tune_path), **tune_storage,
                     failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     callbacks=[tracker], verbose=1),
@@ -137,12 +169,12 @@ def _run(cfg: SweepConfig, exp_dir: Path, parent_run_id: str | None, restore: bo
         tuner.fit()
         failed = sum(1 for r in child_runs(client, parent) if r.info.status == "FAILED")
         dense_macs = profile(build_model(settings), tuple(load_data(settings).input_shape)).macs
-        summary = record_front(client, parent, exp_dir / "front", dense_macs=dense_macs)
+        summary = _record_front(client, parent, exp_dir, dense_macs)
         client.set_terminated(parent, status="FINISHED")
         log.info("sweep done: %d finished, %d failed; front of %d, hypervolume %.4g",
                  summary["trials"], failed, len(summary["front"]), summary["hypervolume"])
-        return SweepResult(exp_dir, parent, summary["trials"], failed, summary["hypervolume"], summary["front"],
-                           base_metrics)
+        return SweepResult(exp_dir if storage.is_uri(exp_dir) else Path(exp_dir), parent, summary["trials"], failed,
+                           summary["hypervolume"], summary["front"], base_metrics)
     except BaseException:
         client.set_terminated(parent, status="KILLED")
         raise
@@ -155,18 +187,26 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     from .preflight import preflight
 
     preflight(cfg)  # environment problems are one clear line before Ray or MLflow start
-    exp_dir = Path(cfg.storage_path) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return _run(cfg, exp_dir.resolve() if "://" not in cfg.storage_path else exp_dir, None, restore=False)
+    exp_dir = storage.join(cfg.storage_path, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return _run(cfg, exp_dir if storage.is_uri(exp_dir) else str(Path(exp_dir).resolve()), None, restore=False)
 
 
 def resume_sweep(experiment_dir: str | os.PathLike) -> SweepResult:
-    exp_dir = Path(experiment_dir)
-    state_path = exp_dir / STATE_FILE
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{exp_dir} is not a prunetune sweep directory ({STATE_FILE} missing)")
-    state = json.loads(state_path.read_text())
+    """Continue the sweep in ``experiment_dir``: a local/NFS folder or a URI (``s3://bucket/prefix/name-...``)."""
+    from methods.errors import ConfigError
+
+    exp_dir = str(experiment_dir) if storage.is_uri(experiment_dir) else str(Path(experiment_dir).resolve())
+    state_path = storage.join(exp_dir, STATE_FILE)
+    try:
+        text = storage.read_text(state_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{experiment_dir} is not a prunetune sweep directory ({STATE_FILE} missing)") from None
+    except (OSError, ValueError) as exc:  # unreachable object store, bad credentials, unknown URI scheme
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"experiment_dir: cannot read {state_path} ({first})") from None
+    state = json.loads(text)
     cfg = config_from_dict(state["config"])
-    return _run(cfg, exp_dir.resolve(), state["parent_run_id"], restore=True)
+    return _run(cfg, exp_dir, state["parent_run_id"], restore=True)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

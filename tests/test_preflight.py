@@ -9,7 +9,7 @@ import torch
 from methods.errors import ConfigError
 from search.cli import main
 from search.config import load_config
-from search.preflight import check_ray_address, check_tracking_uri, preflight
+from search.preflight import check_ray_address, check_storage_path, check_tracking_uri, preflight
 
 
 def _cfg(*overrides):
@@ -73,3 +73,32 @@ def test_cli_reports_one_line_and_exit_2(tmp_path, capsys):
 def test_method_that_cannot_attach_to_the_model_is_refused():
     with pytest.raises(ConfigError, match=r"^methods\[1\]: manidp cannot prune vgg16_cifar"):
         preflight(_cfg("model=vgg16_cifar", "image_size=32", "methods=[l1_norm, manidp]"))
+
+
+def test_storage_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ConfigError, match=rf"^storage_path: {tmp_path / 'taken'} is not a folder$"):
+        check_storage_path(str(tmp_path / "taken" / "ray_results"))
+    check_storage_path(str(tmp_path / "new" / "ray_results"))  # missing folders are fine: Tune creates them
+    check_storage_path(f"file://{tmp_path}/new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # the check creates nothing
+
+
+def test_storage_uri_of_an_unknown_filesystem_is_refused():
+    with pytest.raises(ConfigError, match=r"^storage_path: cannot write to nfs://host/share \(.*nfs"):
+        check_storage_path("nfs://host/share")
+
+
+def test_unreachable_object_store_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    uri = f"s3://bucket/runs?endpoint_override=127.0.0.1:{_free_port()}&scheme=http"
+    start = time.monotonic()
+    code = main(["run", "configs/quickstart.yaml", "--set", f"storage_path={uri}",
+                 "--set", f"tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"prunetune: error: storage_path: cannot write to {uri} (")
+    assert time.monotonic() - start < 30  # the S3 client's retries, not a hang
+    assert not any(tmp_path.iterdir())  # nothing started: no MLflow database either

@@ -1,7 +1,15 @@
-"""The shared dense base model: trained once per distinct configuration and cached on disk under
-``base_dir/<hash>/`` (weights + spec + metrics), so no trial ever trains its own."""
+"""The shared dense base model: trained once per distinct configuration and cached on the shared
+storage under ``base_dir/<hash>/`` (weights + spec + metrics), so no trial ever trains its own.
+
+``base_dir`` is a local/NFS folder or an object-store URI (``trainables.storage``). ``metrics.json``
+is the commit marker: a folder without it is absent. On a local filesystem the model is written into
+a temporary sibling and renamed; an object store has no atomic rename, so the weights and spec go up
+first and ``metrics.json`` last. Trials load it through :func:`fetch_base_model`, which reads a local
+folder in place and copies an object-store one into a node-local cache first.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -12,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import storage
 from .data import make_loader
 from .model_io import model_spec, save_model
 from .models import create_model
@@ -19,10 +28,12 @@ from .settings import TrialSettings
 from .train import cosine_lr, evaluate, pick_device, train_epoch
 from .workspace import load_data
 
-__all__ = ["ensure_base_model", "base_model_dir", "build_model"]
+__all__ = ["ensure_base_model", "base_model_dir", "fetch_base_model", "build_model", "CACHE_DIR"]
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.json"
+#: Node-local cache of base models fetched from an object store (one folder per key and version).
+CACHE_DIR = "prunetune-base-cache"
 
 
 def build_model(settings: TrialSettings, *, width_mult: float | None = None) -> torch.nn.Module:
@@ -33,16 +44,25 @@ def build_model(settings: TrialSettings, *, width_mult: float | None = None) -> 
     return create_model(settings.model, data.num_classes, in_channels=data.input_shape[0], **kwargs)
 
 
-def base_model_dir(settings: TrialSettings) -> Path:
-    return Path(settings.base_dir) / settings.base_key()
+def base_model_dir(settings: TrialSettings) -> str:
+    """Where the base model of ``settings`` lives: a local path or a URI (see ``trainables.storage``)."""
+    return storage.join(settings.base_dir, settings.base_key())
 
 
-def ensure_base_model(settings: TrialSettings) -> tuple[Path, dict]:
-    """Return ``(dir, metrics)`` of the cached base model, training it first if it is missing."""
+def _read_metrics(target: str) -> dict | None:
+    try:
+        return json.loads(storage.read_text(storage.join(target, METRICS)))
+    except FileNotFoundError:
+        return None
+
+
+def ensure_base_model(settings: TrialSettings) -> tuple[str, dict]:
+    """Return ``(location, metrics)`` of the cached base model, training it first if it is missing."""
     target = base_model_dir(settings)
-    if (target / METRICS).is_file():
+    metrics = _read_metrics(target)
+    if metrics is not None:
         log.info("reusing dense base model %s", target)
-        return target, json.loads((target / METRICS).read_text())
+        return target, metrics
     torch.manual_seed(settings.seed)
     device = pick_device(settings.use_gpu)
     data = load_data(settings)
@@ -64,16 +84,58 @@ def ensure_base_model(settings: TrialSettings) -> tuple[Path, dict]:
     test_acc, _ = evaluate(model, make_loader(data.test, 256, shuffle=False), device=device)
     metrics = {"accuracy": val_acc, "test_accuracy": test_acc, "epochs": cfg.epochs,
                "seconds": time.perf_counter() - start, "key": settings.base_key()}
-    # Write into a temporary sibling and rename, so a concurrent reader never sees half a model.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    save_model(model.cpu(), tmp, model_spec(model, settings.model, data.num_classes,
-                                            in_channels=data.input_shape[0], **settings.model_kwargs))
-    (tmp / METRICS).write_text(json.dumps(metrics, indent=1))
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+    spec = model_spec(model, settings.model, data.num_classes, in_channels=data.input_shape[0], **settings.model_kwargs)
+    local = storage.local_path(target)
+    if local is not None:
+        # Write into a temporary sibling and rename, so a concurrent reader never sees half a model.
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=local.parent))
+        save_model(model.cpu(), tmp, spec)
+        (tmp / METRICS).write_text(json.dumps(metrics, indent=1))
+        try:
+            os.rename(tmp, local)
+        except OSError:  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="prunetune-base-") as tmp:
+            save_model(model.cpu(), tmp, spec)
+            if _read_metrics(target) is None:  # another process may have published it meanwhile: keep theirs
+                storage.upload_dir(tmp, target)  # weights and spec first ...
+                storage.write_text(storage.join(target, METRICS), json.dumps(metrics, indent=1))  # ... commit last
     log.info("trained dense base model in %.1fs: val accuracy %.4f -> %s", metrics["seconds"], val_acc, target)
-    return target, json.loads((target / METRICS).read_text())
+    return target, _read_metrics(target)
 
+
+def fetch_base_model(settings: TrialSettings, cache_root: str | os.PathLike | None = None) -> Path:
+    """A local folder holding the base model of ``settings``, ready for ``model_io.load_model``.
+
+    A local or NFS ``base_dir`` is read in place. From an object store the model is copied once per
+    node into ``cache_root/prunetune-base-cache/<key>-<version>`` (default root: the system temp
+    folder), through a temporary sibling and a rename, so concurrent trials on one node are safe; the
+    version is a hash of the location and its ``metrics.json``, so a retrained base is fetched anew.
+    """
+    target = base_model_dir(settings)
+    local = storage.local_path(target)
+    if local is not None:
+        return local
+    try:
+        marker = storage.read_text(storage.join(target, METRICS))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"dense base model {target} is not on the shared storage "
+                                f"({METRICS} missing): train it with ensure_base_model first") from None
+    version = hashlib.sha256(f"{target}\n{marker}".encode()).hexdigest()[:12]
+    cache = Path(cache_root or tempfile.gettempdir()) / CACHE_DIR / f"{settings.base_key()}-{version}"
+    if (cache / METRICS).is_file():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
+    try:
+        storage.download_dir(target, tmp / "model")
+        try:
+            os.rename(tmp / "model", cache)
+        except OSError:  # another trial on this node fetched it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("fetched dense base model %s -> %s", target, cache)
+    return cache
