@@ -244,6 +244,12 @@ class ManiDP(PruningMethod):
         each input really uses plus the gates' own fc layers (``average_macs``)."""
         return average_macs(model, batches, input_shape)
 
+    def inference_model(self, model: nn.Module) -> nn.Module:
+        """The batch-1 skipping path (``SkippingView``, BN folded once): it computes only the
+        active filters of each input, which is ManiDP's real inference cost; the masked model
+        computes every filter. A model without gates is returned as it is."""
+        return SkippingView(model) if gated_blocks(model) else model
+
     def __init__(self, **hparams: Any):
         super().__init__(**hparams)
         self._epoch = 0                       # phase epochs completed

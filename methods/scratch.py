@@ -267,6 +267,8 @@ class Scratch(PruningMethod):
 
     # ---- checkpointed state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        if not self._gates and self._pending is not None:  # loaded, never prepared (resumed after the cut)
+            return {"gates": {name: g.detach().cpu().clone() for name, g in self._pending.get("gates", {}).items()}}
         return {"gates": {name: g.detach().cpu().clone() for name, g in self._gates.items()}}
 
     @torch.no_grad()

@@ -299,3 +299,50 @@ def test_gates_carry_no_weight_decay_in_the_finetune():
     assert gate_ids and all(decay[i] == 0.0 for i in gate_ids)
     assert all(w == 5e-4 for i, w in decay.items() if i not in gate_ids)
     assert len(decay) == len(list(pruned.parameters()))
+
+
+# ---- the trial times the skipping path ---------------------------------------------------------------------
+def test_inference_model_is_the_skipping_path_with_the_masked_outputs(phase, val_batches):
+    """``ManiDP.inference_model`` (what the trial times for ``latency_ms``) is the path that computes
+    only active filters, and it computes the masked model's outputs (BN folded: equal up to rounding);
+    every static method times its pruned model itself."""
+    from methods import get_method_class, list_methods
+
+    _, method, _, pruned, _ = phase
+    view = method.inference_model(pruned)
+    assert isinstance(view, SkippingView) and view.model is pruned
+    x = val_batches[0][:16]
+    with torch.no_grad():
+        masked, skipped = pruned(x), view(x)
+    torch.testing.assert_close(skipped, masked, rtol=1e-5, atol=1e-5)
+    # The masked model computes every filter; the view only the active ones.
+    assert average_macs(pruned, [x], DIGITS) < profile(_dense("resnet20", DIGITS), DIGITS).macs
+    dense = create_model("resnet20", 10, in_channels=1)
+    assert method.inference_model(dense) is dense  # nothing gated, nothing to skip
+    for name in list_methods():
+        if not get_method_class(name).dynamic:
+            assert create_method(name).inference_model(dense) is dense, name
+
+
+def test_trial_latency_is_measured_on_the_skipping_path(tmp_path):
+    """A real ManiDP trial reports ``latency_model: "SkippingView"`` with its final metrics: the
+    latency it logs is that of ``inference_model`` (``trainables.trial._final_metrics`` times what
+    the hook returns and names its class); a static method's trial times its pruned network."""
+    from trainables.base_model import ensure_base_model
+    from trainables.settings import TrainSettings, TrialSettings
+    from trainables.trial import run_trial
+
+    settings = TrialSettings(model="resnet20", dataset="digits", seed=0, use_gpu=False,
+                             model_kwargs={"width_mult": 0.5}, base=TrainSettings(epochs=1, batch_size=128),
+                             finetune=TrainSettings(epochs=1, lr=0.01, batch_size=256),
+                             calibration_batches=2, base_dir=str(tmp_path / "base_models"))
+    ensure_base_model(settings)
+    reports = []
+    final = run_trial(settings, "manidp", {"phase_epochs": 1, "prune_ratio": 0.5},
+                      lambda metrics, save: reports.append(metrics))
+    assert [m["epoch"] for m in reports] == [1, 2]
+    assert final["latency_model"] == "SkippingView"
+    assert math.isfinite(final["latency_ms"]) and final["latency_ms"] > 0
+    assert all("latency_model" not in m for m in reports[:-1])  # measured once, at the end
+    static = run_trial(settings, "l1_norm", {"prune_ratio": 0.5}, lambda metrics, save: None)
+    assert static["latency_model"] == type(create_model("resnet20", 10, in_channels=1)).__name__

@@ -6,9 +6,19 @@ Epochs are numbered across the two stages (``phase`` then ``finetune``); after e
 trial calls ``report(metrics, save)`` where ``save(dir)`` writes a checkpoint into ``dir``.
 Resuming from such a checkpoint continues with the next epoch and ends with the same number of
 epochs as an uninterrupted run.
+
+Reproducible resumption: every random draw of an epoch comes from streams fixed by
+``(settings.seed, epoch)`` alone (``_seed_epoch``): torch's global generator (augmentations,
+dropout, anything a method draws) and the train loader's shuffle generator are reseeded before
+each epoch, and the surgery reseeds both from its own stream before it draws calibration batches
+(and ThiNet's per-layer fine-tune batches). Model, optimizer, method state and the cosine
+schedule (a function of the epoch) are in the checkpoint. So a trial resumed from the checkpoint
+after epoch ``k`` reports, for the epochs after ``k``, exactly what the uninterrupted trial
+reported (bit for bit on CPU with a fixed thread count), and ends with the same model.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -22,7 +32,7 @@ from methods import PruneContext, create_method
 from methods.base import PruningMethod
 from methods.cost import count_params, latency, profile
 
-from .base_model import base_model_dir, build_model
+from .base_model import build_model, fetch_base_model
 from .data import make_loader
 from .model_io import load_model, model_spec, save_model
 from .settings import TrainSettings, TrialSettings
@@ -62,7 +72,7 @@ def _start_model(settings: TrialSettings, method: PruningMethod) -> torch.nn.Mod
     if method.from_scratch:
         torch.manual_seed(settings.seed)
         return build_model(settings, width_mult=method.hparams.get("expansion"))
-    model, _ = load_model(base_model_dir(settings))
+    model, _ = load_model(fetch_base_model(settings))  # a node-local copy when base_dir is an object store
     return model
 
 
@@ -89,10 +99,14 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
         state = torch.load(Path(resume_from) / STATE_FILE, map_location="cpu", weights_only=True)
         log.info("resuming %s at epoch %d/%d", method_name, state["epoch"], plan.total)
 
-    torch.manual_seed(settings.seed + state["epoch"])
+    # The starting model and ``prepare`` (e.g. ManiDP's gate initialisation) draw from a stream fixed
+    # by the seed alone; a resumed trial then overwrites what they drew with the checkpoint.
+    torch.manual_seed(_stream_seed(settings.seed, 0, "start"))
     pruned = state["epoch"] >= plan.phase_epochs and resume_from is not None
     if pruned:
         model, _ = load_model(Path(resume_from) / MODEL_DIR)
+        # The method's state travels on through the fine-tune (a later checkpoint carries it too).
+        method.load_state_dict(state.get("method", {}))
     else:
         model = method.prepare(_start_model(settings, method))
         if resume_from is not None:
@@ -109,6 +123,9 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
     def prune_now():
         nonlocal model, optimizer, pruned
         t0 = time.perf_counter()
+        # Calibration batches, the method's own draws and its fine-tune steps: one stream, fixed by
+        # (seed, the epoch the surgery precedes), whether or not the trial was resumed before it.
+        _seed_epoch(settings.seed, plan.phase_epochs, train_loader, stream="surgery")
         calibration = [b for _, b in zip(range(settings.calibration_batches), train_loader)]
         context = PruneContext(
             input_shape, device=device, calibration=calibration, seed=settings.seed,
@@ -128,6 +145,7 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
     while state["epoch"] < plan.total:
         epoch = state["epoch"]
         stage = "phase" if epoch < plan.phase_epochs else "finetune"
+        _seed_epoch(settings.seed, epoch, train_loader)
         if stage == "finetune":
             ft_epoch = epoch - plan.phase_epochs
             for group in optimizer.param_groups:
@@ -155,16 +173,31 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
                    "macs": _macs(method, model, input_shape, val_loader, pruned, dense_macs),
                    "params": count_params(model), "epoch_seconds": stats.seconds}
         if state["epoch"] == plan.total:
-            metrics.update(_final_metrics(model, data, input_shape, settings, device, dense_macs))
+            metrics.update(_final_metrics(model, method, data, input_shape, settings, device, dense_macs))
         state["history"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         report(metrics, lambda d: _save(d, state, model, optimizer, method, pruned, spec))
     if not metrics:  # nothing left to run (resumed after the last epoch, or a zero-epoch plan)
-        metrics = {"epoch": state["epoch"], "stage": "finetune", **_final_metrics(model, data, input_shape, settings, device, dense_macs)}
+        metrics = {"epoch": state["epoch"], "stage": "finetune", **_final_metrics(model, method, data, input_shape, settings, device, dense_macs)}
         metrics["accuracy"], _ = evaluate(model, val_loader, device=device)
         metrics["macs"] = _macs(method, model, input_shape, val_loader, pruned, dense_macs)
         metrics["params"] = count_params(model)
         report(metrics, lambda d: _save(d, state, model, optimizer, method, pruned, spec))
     return metrics
+
+
+def _stream_seed(seed: int, epoch: int, stream: str) -> int:
+    """A 63-bit seed fixed by ``(seed, epoch, stream)``: independent streams for the global
+    generator and the loader, and no overlap between (seed, epoch + 1) and (seed + 1, epoch)."""
+    digest = hashlib.sha256(f"prunetune:{int(seed)}:{int(epoch)}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _seed_epoch(seed: int, epoch: int, train_loader, stream: str = "epoch") -> None:
+    """Reseed every random stream the coming epoch (or surgery) draws from: torch's global
+    generator and the train loader's shuffle generator (the loader draws each pass's order, and its
+    workers' base seed, from it when iterated)."""
+    torch.manual_seed(_stream_seed(seed, epoch, f"{stream}/torch"))
+    train_loader.generator.manual_seed(_stream_seed(seed, epoch, f"{stream}/loader"))
 
 
 def _reference_model(settings: TrialSettings) -> torch.nn.Module:
@@ -178,12 +211,17 @@ def _macs(method, model, input_shape, val_loader, pruned, dense_macs) -> float:
     return float(method.measure_macs(model, input_shape, val_loader))
 
 
-def _final_metrics(model, data, input_shape, settings, device, dense_macs) -> dict[str, Any]:
+def _final_metrics(model, method: PruningMethod, data, input_shape, settings, device, dense_macs) -> dict[str, Any]:
+    """Test accuracy and CPU latency of the final model. The latency timed is that of
+    ``method.inference_model(model)``, what the method really runs at inference (ManiDP: the
+    skipping path, not the masked model); ``latency_model`` names the class of the module timed."""
     test_accuracy, _ = evaluate(model, make_loader(data.test, 256, shuffle=False), device=device)
-    cpu_model = model.to("cpu")
-    lat = latency(cpu_model, input_shape, batch_size=settings.latency_batch_size, warmup=2, repeats=5)
+    cpu_model = model.to("cpu").eval()
+    timed = method.inference_model(cpu_model)
+    lat = latency(timed, input_shape, batch_size=settings.latency_batch_size, warmup=2, repeats=5)
     model.to(device)
-    return {"test_accuracy": test_accuracy, "latency_ms": lat.median_s * 1000.0, "dense_macs": float(dense_macs)}
+    return {"test_accuracy": test_accuracy, "latency_ms": lat.median_s * 1000.0, "latency_model": type(timed).__name__,
+            "dense_macs": float(dense_macs)}
 
 
 def _save(directory: Path, state: dict, model, optimizer, method: PruningMethod, pruned: bool, spec) -> None:
