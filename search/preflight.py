@@ -4,6 +4,8 @@ tracking server and the Ray cluster answer, ``storage_path`` can be written. Eac
 field; each network probe gives up after a few seconds instead of hanging."""
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import socket
@@ -104,12 +106,40 @@ def check_tracking_uri(uri: str) -> None:
             with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as resp:
                 resp.read(64)
         except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):  # a server that wants credentials is still a server
-                return
-            raise ConfigError(f"tracking_uri: {uri} answered HTTP {exc.code} on /health") from None
+            if exc.code not in (401, 403):  # one that wants credentials is asked with them below
+                raise ConfigError(f"tracking_uri: {uri} answered HTTP {exc.code} on /health") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ConfigError(f"tracking_uri: cannot reach MLflow server {uri} ({reason})") from None
+        _check_tracking_api(uri)
+
+
+def _check_tracking_api(uri: str) -> None:
+    """/health answers for any web app: ask one read-only tracking API call, with the driver's
+    credentials, so a wrong URL or refused credentials are one line before any work."""
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if user and password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as resp:
+            body = resp.read(1 << 16)
+        json.loads(body or b"{}")
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise ConfigError(f"tracking_uri: {uri} refused this driver's credentials (HTTP {exc.code}; set "
+                              "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN)") from None
+        raise ConfigError(f"tracking_uri: {uri} answers but is not an MLflow tracking server "
+                          f"(HTTP {exc.code} from its tracking API)") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConfigError(f"tracking_uri: cannot reach MLflow server {uri} ({getattr(exc, 'reason', exc)})") from None
+    except ValueError:
+        raise ConfigError(f"tracking_uri: {uri} answers but is not an MLflow tracking server "
+                          "(its tracking API did not return JSON)") from None
 
 
 def check_ray_address(address: str) -> None:

@@ -13,8 +13,8 @@
 4. A new run in the sweep's experiment (tagged with the source run; not a child of the parent run,
    so it never counts as a trial) logs the model with ``mlflow.pytorch.log_model`` in the
    pickle-free ``pt2`` format (``torch.export``: no prunetune class is needed to load it), with an
-   input example and explicit ``pip_requirements``, registered as NAME. The version is tagged with
-   its metrics, method and source run.
+   input example and explicit ``pip_requirements``, registered as NAME (the LoggedModel, too, belongs
+   to the sweep's experiment). The version is tagged with its metrics, method and source run.
 5. The alias (default ``champion``) moves to the new version only if the re-evaluated test accuracy
    matches the recorded one within ``tolerance``; otherwise the version is tagged
    ``validation=failed``, the alias stays where it was and :class:`PromotionError` is raised.
@@ -258,8 +258,13 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
     try:
         with _tracking_uri(ref.tracking_uri):
             t0 = time.perf_counter()
+            # log_model alone puts its LoggedModel in MLflow's *active* experiment (Default, id 0), not
+            # in its run's: the pt2 program then lands under experiment 0 of a server, or, with SQLite,
+            # in ./mlruns/0 of whatever directory first created the database. Create it in the sweep's
+            # experiment (artifacts beside its runs', on the server or beside the database).
+            logged = client.create_logged_model(exp_id, name="model", source_run_id=run_id)
             info = mlflow.pytorch.log_model(
-                model.eval(), name="model", run_id=run_id,
+                model.eval(), name="model", run_id=run_id, model_id=logged.model_id,
                 serialization_format="pt2",  # torch.export program; `export_model=True` is its deprecated spelling
                 input_example=example,
                 pip_requirements=pip_requirements(),

@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+
+from methods.errors import ConfigError
 
 __all__ = ["MLflowTrialLogger", "open_parent_run", "child_runs", "TRIAL_TAG", "PARENT_TAG", "SWEEP_TAG"]
 
@@ -54,7 +57,16 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
 def open_parent_run(client: MlflowClient, experiment: str, parent_run_id: str | None, params: dict[str, Any],
                     tags: dict[str, str]) -> str:
     """Reuse ``parent_run_id`` if given (a resumed sweep), else create the sweep's parent run."""
-    exp = client.get_experiment_by_name(experiment)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except MlflowException as exc:
+        # The sweep's first request to the store. A URL whose /health answers (all the preflight can
+        # ask without credentials) may still be no MLflow server (another app, a proxy) or refuse this
+        # driver: one line naming the field, before Ray or storage is touched, not a traceback.
+        text = str(exc).strip()
+        first = text.splitlines()[0][:300] if text else type(exc).__name__
+        raise ConfigError(f"tracking_uri: {client.tracking_uri} is not an MLflow tracking server or refused this "
+                          f"driver ({first})") from None
     exp_id = exp.experiment_id if exp else client.create_experiment(
         experiment, artifact_location=artifact_location(client.tracking_uri, experiment))
     if parent_run_id:

@@ -102,3 +102,59 @@ def test_unreachable_object_store_is_one_line_and_exit_2(tmp_path, capsys, monke
     assert err[0].startswith(f"prunetune: error: storage_path: cannot write to {uri} (")
     assert time.monotonic() - start < 30  # the S3 client's retries, not a hang
     assert not any(tmp_path.iterdir())  # nothing started: no MLflow database either
+
+
+def test_http_server_that_is_not_mlflow_is_one_line_and_exit_2(tmp_path, capsys):
+    """A URL that answers but is no MLflow server (a plain file server: 404 on /health; an app that
+    answers /health but not MLflow's tracking API), or one that refuses the driver's credentials:
+    one line naming tracking_uri, exit 2, and nothing written."""
+    import functools
+    import http.server
+    import threading
+
+    class HealthOnly(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path == "/health"
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+            self.wfile.write(b"OK" if ok else b"<html>not found</html>")
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    class Locked(HealthOnly):  # /health is open, the API wants credentials (MLflow's basic-auth app)
+        def do_GET(self):
+            if self.path == "/health":
+                return super().do_GET()
+            self.send_response(401)
+            self.end_headers()
+
+        do_POST = do_GET
+
+    class Files(http.server.SimpleHTTPRequestHandler):  # serves an empty folder: 404 for everything
+        def log_message(self, *args):
+            pass
+
+    (tmp_path / "www").mkdir()
+    files = functools.partial(Files, directory=str(tmp_path / "www"))
+    for handler, expected in ((files, "answered HTTP 404 on /health"),
+                              (HealthOnly, "answers but is not an MLflow tracking server"),
+                              (Locked, "refused this driver's credentials")):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        store = tmp_path / "store"
+        try:
+            code = main(["run", "configs/quickstart.yaml", "--set", f"tracking_uri={uri}", "--set",
+                         f"storage_path={store}", "--set", "methods=[l1_norm]"])
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"prunetune: error: tracking_uri: {uri} ") and expected in err[0], err[0]
+        assert not store.exists()  # nothing started, nothing written
