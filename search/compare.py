@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlparse
 from mlflow.tracking import MlflowClient
 
 from methods.errors import ConfigError
+from trainables import storage
 
 from .fronts import DIRECTIONS, TrialPoint, plot_fronts, sweep_points
 from .pareto import front, hypervolume
@@ -49,7 +50,7 @@ class SweepRef:
     tracking_uri: str
     parent_run_id: str
     experiment_name: str
-    experiment_dir: Path | None = None
+    experiment_dir: Path | str | None = None  # a URI string for an object-store sweep
     config: dict[str, Any] | None = None  # from STATE_FILE, when the sweep directory is known
 
     def client(self) -> MlflowClient:
@@ -68,15 +69,22 @@ class FrontSeries:
 
 
 # ---- resolving EXPERIMENT arguments -----------------------------------------------------------------------
-def _read_state(directory: Path) -> dict[str, Any]:
+def _read_state(directory: str | Path) -> dict[str, Any]:
     try:
-        state = json.loads((directory / STATE_FILE).read_text())
+        state = json.loads(storage.read_text(storage.join(str(directory), STATE_FILE)))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"sweep directory {str(directory)!r}: cannot read {STATE_FILE}: {exc}") from None
     for key in ("parent_run_id", "tracking_uri"):
         if not state.get(key):
             raise ConfigError(f"sweep directory {str(directory)!r}: {STATE_FILE} has no {key!r}")
     return state
+
+
+def _is_sweep_dir(location: str) -> bool:
+    try:
+        return storage.is_file(storage.join(location, STATE_FILE))
+    except (OSError, ValueError):  # unreachable store, malformed URI
+        return False
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -97,11 +105,12 @@ def resolve_sweep(source: str | Path, tracking_uri: str | None = None) -> SweepR
     """
     text = str(source)
     path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / STATE_FILE).is_file():
-            raise ConfigError(f"unknown experiment {text!r}: the directory has no {STATE_FILE} "
+    if storage.is_uri(text) or path.is_dir():  # a sweep directory: local, NFS or an object store (s3://)
+        location = text if storage.is_uri(text) else str(path.resolve())
+        if not _is_sweep_dir(location):
+            raise ConfigError(f"unknown experiment {text!r}: {location} has no {STATE_FILE} "
                               "(not a prunetune sweep directory)")
-        state = _read_state(path)
+        state = _read_state(location)
         client = MlflowClient(state["tracking_uri"])
         try:
             run = client.get_run(state["parent_run_id"])
@@ -109,8 +118,8 @@ def resolve_sweep(source: str | Path, tracking_uri: str | None = None) -> SweepR
             raise ConfigError(f"sweep directory {text!r}: parent run {state['parent_run_id']} not found in "
                               f"{state['tracking_uri']} ({type(exc).__name__})") from None
         exp = client.get_experiment(run.info.experiment_id)
-        return SweepRef(path.resolve().name, state["tracking_uri"], state["parent_run_id"], exp.name,
-                        path.resolve(), state.get("config"))
+        return SweepRef(storage.name(location), state["tracking_uri"], state["parent_run_id"], exp.name,
+                        Path(location) if storage.local_path(location) else location, state.get("config"))
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
     db = _sqlite_path(uri)
@@ -128,14 +137,15 @@ def resolve_sweep(source: str | Path, tracking_uri: str | None = None) -> SweepR
     run = runs[0]
     exp_dir = run.data.tags.get(EXPERIMENT_DIR_TAG)
     config = None
-    if exp_dir and (Path(exp_dir) / STATE_FILE).is_file():
+    if exp_dir and _is_sweep_dir(exp_dir):
         try:
-            state = _read_state(Path(exp_dir))
+            state = _read_state(exp_dir)
         except ConfigError:
             state = {}
         if state.get("parent_run_id") == run.info.run_id:
             config = state.get("config")
-    return SweepRef(text, uri, run.info.run_id, exp.name, Path(exp_dir) if exp_dir else None, config)
+    exp_loc = (exp_dir if storage.is_uri(exp_dir) else Path(exp_dir)) if exp_dir else None
+    return SweepRef(text, uri, run.info.run_id, exp.name, exp_loc, config)
 
 
 def dense_macs(client: MlflowClient, parent_run_id: str) -> float:

@@ -204,6 +204,14 @@ def test_sweep_on_s3_keeps_everything_in_the_bucket(ray_local, s3, tmp_path, mon
     assert again.parent_run_id == result.parent_run_id and again.experiment_dir == exp
     assert [p.run_id for p in again.front] == [p.run_id for p in result.front]
     assert again.finished == 2 and len(child_runs(client, result.parent_run_id)) == 2
+
+    # `prunetune fronts s3://...`: the sweep directory on the store names its records.
+    from search.compare import resolve_sweep
+
+    ref = resolve_sweep(exp)
+    assert (ref.parent_run_id, ref.tracking_uri, ref.experiment_dir) == (result.parent_run_id, cfg.tracking_uri, exp)
+    assert ref.config == cfg.to_dict()
+    assert resolve_sweep(cfg.name, cfg.tracking_uri).experiment_dir == exp  # found by name, too
     assert list(cwd.iterdir()) == []
     for p in fetched:  # leave the shared temp folder as it was
         shutil.rmtree(p, ignore_errors=True)
