@@ -112,12 +112,13 @@ class PruningMethod(ABC):
 
         return profile(model, input_shape).macs
 
-    def inference_model(self, model: nn.Module) -> nn.Module:
-        """The module whose wall-clock time is the pruned model's real inference cost (the trial
-        times it for ``latency_ms``); it computes what ``model`` computes. Default: ``model`` itself
-        (a static method's pruned model is already physically small). A dynamic method whose masked
-        model computes every channel returns the path that really skips them (ManiDP:
-        ``SkippingView``). Called once on the final model, in eval mode; not for training/export."""
+    def inference_model(self, model: nn.Module, *, batch_size: int = 1) -> nn.Module:
+        """The module whose wall-clock time is the pruned model's real inference cost at
+        ``batch_size`` (the trial times it for ``latency_ms``); it computes what ``model`` computes.
+        Default: ``model`` itself (a static method's pruned model is already physically small). A
+        dynamic method whose masked model computes every channel returns the path that really skips
+        them where skipping applies (ManiDP: ``SkippingView`` at batch 1). Called once on the final
+        model, in eval mode; not for training/export."""
         return model
 
     # ---- checkpointed method state ---------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Cost", "count_macs", "LatencyResult", "profile", "latency", "count_params"]
+__all__ = ["Cost", "count_macs", "LatencyResult", "profile", "latency", "latencies", "count_params"]
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +175,39 @@ def profile(model: nn.Module, input_shape: Sequence[int]) -> Cost:
 
 def latency(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, *, warmup: int = 3,
             repeats: int = 10, device: str | torch.device | None = None,
-            threads: int | None = None) -> LatencyResult:
+            threads: int | None = None, cuda_amp: bool = True) -> LatencyResult:
     """Median wall-clock seconds of a forward pass on a zeros batch ``(batch_size, *input_shape)``.
 
     ``warmup`` untimed passes precede ``repeats`` timed ones, under ``torch.inference_mode`` in
     eval mode (each module's flag restored afterwards); CUDA is synchronised around each timed pass.
     ``device`` defaults to the model's own; a different device moves the model there for the
     measurement and back afterwards. ``threads`` sets ``torch.set_num_threads`` for the
-    measurement only.
+    measurement only. On CUDA with ``cuda_amp`` (the default) the model runs as the trials run it:
+    channels_last input and 4-D weights, bf16 autocast (see :func:`latencies`); on CPU it runs in
+    its own dtype and memory format.
+    """
+    return latencies([model], input_shape, batch_size, warmup=warmup, repeats=repeats, rounds=1, device=device,
+                     threads=threads, cuda_amp=cuda_amp)[0]
+
+
+def latencies(models: Sequence[nn.Module], input_shape: Sequence[int], batch_size: int = 1, *, warmup: int = 3,
+              repeats: int = 10, rounds: int = 1, device: str | torch.device | None = None,
+              threads: int | None = None, cuda_amp: bool = True) -> list[LatencyResult]:
+    """Latency of several models timed interleaved, so machine noise (other processes, clock and
+    thermal changes, a shared GPU) hits them alike and their ratio is trustworthy.
+
+    Every model first runs ``warmup`` untimed passes; then ``rounds`` rounds follow, in each of which
+    every model in turn runs ``repeats`` timed passes. Each result's ``times_s`` holds the
+    ``rounds * repeats`` timed passes of one model (in order) and ``median_s`` their median. With one
+    model and ``rounds=1`` this is :func:`latency`.
+
+    Each model runs on ``device`` (default: its own device), moved there for the measurement and
+    back afterwards, in eval mode under ``torch.inference_mode`` (each module's flag restored). On
+    CUDA every timed pass is bracketed by ``torch.cuda.synchronize``, and with ``cuda_amp`` the pass
+    runs as the trials' training and evaluation run: a channels_last input (4-D inputs), 4-D
+    parameters and buffers in channels_last for the measurement (their original tensors are put
+    back afterwards), under bf16 ``torch.autocast``. ``cuda_amp=False`` times plain fp32 on CUDA
+    too. On CPU nothing of that applies: the model runs in its own dtype and memory format.
     """
     shape = _check_shape(input_shape)
     if batch_size < 1:
@@ -191,43 +216,99 @@ def latency(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, *
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    models = list(models)
+    if not models:
+        raise ValueError("latencies needs at least one model")
 
-    home, dtype = _device_dtype(model)
-    target = torch.device(device) if device is not None else home
-    moved = target != home
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        if moved:
-            model.to(target)
-        on_cuda = target.type == "cuda"
-
-        def sync() -> None:
-            if on_cuda:
-                torch.cuda.synchronize(target)
-
-        times: list[float] = []
-        with _eval_mode(model), torch.inference_mode():
-            x = torch.zeros((batch_size, *shape), device=target, dtype=dtype)
-            for _ in range(warmup):
-                model(x)
-            sync()
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(x)
-                sync()
-                times.append(time.perf_counter() - start)
+        with contextlib.ExitStack() as stack:
+            runs = [stack.enter_context(_timed_setup(m, shape, batch_size, device, cuda_amp)) for m in models]
+            times: list[list[float]] = [[] for _ in models]
+            with torch.inference_mode():
+                for run in runs:
+                    for _ in range(warmup):
+                        with run.autocast():
+                            run.model(run.x)
+                    run.sync()
+                for _ in range(rounds):
+                    for run, out in zip(runs, times):
+                        for _ in range(repeats):
+                            with run.autocast():
+                                run.sync()
+                                start = time.perf_counter()
+                                run.model(run.x)
+                                run.sync()
+                                out.append(time.perf_counter() - start)
         measured_threads = torch.get_num_threads()
+    finally:
+        if threads is not None:
+            torch.set_num_threads(old_threads)
+    results = []
+    for model, run, ts in zip(models, runs, times):
+        result = LatencyResult(median_s=float(statistics.median(ts)), times_s=tuple(ts), batch_size=batch_size,
+                               threads=measured_threads, device=str(run.device))
+        log.debug("latency of %s on %s (batch %d, %d threads): %.6f s", type(model).__name__, result.device,
+                  batch_size, measured_threads, result.median_s)
+        results.append(result)
+    return results
+
+
+@dataclass
+class _TimedRun:
+    model: nn.Module
+    x: torch.Tensor
+    device: torch.device
+    amp: bool
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _timed_setup(model: nn.Module, shape: tuple[int, ...], batch_size: int, device: str | torch.device | None,
+                 cuda_amp: bool) -> Iterator[_TimedRun]:
+    """``model`` on the target device in eval mode (and channels_last for CUDA AMP) with its input;
+    everything put back as it was on exit."""
+    home, dtype = _device_dtype(model)
+    target = torch.device(device) if device is not None else home
+    moved = target != home
+    if moved:
+        model.to(target)
+    try:
+        amp = cuda_amp and target.type == "cuda"
+        with _eval_mode(model), (_channels_last(model) if amp else contextlib.nullcontext()):
+            x = torch.zeros((batch_size, *shape), device=target, dtype=dtype)
+            if amp and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield _TimedRun(model, x, target, amp)
     finally:
         if moved:
             model.to(home)
-        if threads is not None:
-            torch.set_num_threads(old_threads)
-    result = LatencyResult(median_s=float(statistics.median(times)), times_s=tuple(times),
-                           batch_size=batch_size, threads=measured_threads, device=str(target))
-    log.debug("latency of %s on %s (batch %d, %d threads): %.6f s", type(model).__name__, result.device,
-              batch_size, measured_threads, result.median_s)
-    return result
+
+
+@contextlib.contextmanager
+def _channels_last(model: nn.Module) -> Iterator[None]:
+    """4-D parameters and buffers in channels_last for the block; the original tensors are put back
+    afterwards (so an optimizer's references and the memory format the caller had are kept)."""
+    saved = []
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+                saved.append((t, t.data))
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for t, data in saved:
+            t.data = data

@@ -261,7 +261,8 @@ class GatedBlock(nn.Module):
             h, active_in, full_in = y, active, conv.out_channels
         out = self._residual(x)
         if active_in is not None and active_in.numel():
-            out = out.index_add(1, active_in, h)
+            # Under autocast a zero-input conv's fp32 bias can leave h in fp32 beside a bf16 residual.
+            out = out.index_add(1, active_in, h.to(out.dtype))
         return torch.relu(out)
 
 

@@ -46,11 +46,13 @@ def _print_result(result, tracking_uri) -> None:
     out.write(f"\nsweep directory: {result.experiment_dir}\n")
     out.write(f"MLflow parent run: {result.parent_run_id}\n")
     out.write(f"trials finished: {result.finished}, failed: {result.failed}, hypervolume: {result.hypervolume:.6g}\n")
-    out.write("Pareto front (validation accuracy vs MACs):\n")
-    out.write(f"  {'method':<10} {'accuracy':>9} {'test acc':>9} {'MACs':>12} {'params':>10} {'latency ms':>11}  run\n")
+    cost = "MACs" if result.objective == "macs" else "latency ratio (pruned / dense latency)"
+    out.write(f"Pareto front (validation accuracy vs {cost}):\n")
+    out.write(f"  {'method':<10} {'accuracy':>9} {'test acc':>9} {'MACs':>12} {'params':>10} {'latency ms':>11} "
+              f"{'lat ratio':>9}  run\n")
     for p in result.front:
         out.write(f"  {p.method:<10} {p.accuracy:>9.4f} {p.test_accuracy:>9.4f} {int(p.macs):>12,} {int(p.params):>10,} "
-                  f"{p.latency_ms:>11.3f}  {p.run_id}\n")
+                  f"{p.latency_ms:>11.3f} {p.latency_ratio:>9.3f}  {p.run_id}\n")
     if tracking_uri:
         out.write(f"\nlook at it: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1\n")
 

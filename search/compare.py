@@ -1,4 +1,4 @@
-"""Compare accuracy-versus-MACs fronts: several sweeps overlaid, or the methods of one sweep.
+"""Compare accuracy-versus-cost fronts: several sweeps overlaid, or the methods of one sweep.
 
 ``prunetune fronts EXPERIMENT [EXPERIMENT ...]`` where EXPERIMENT is a sweep directory (it holds
 ``STATE_FILE``, which names the parent run and the tracking URI) or an MLflow experiment name (its
@@ -6,8 +6,12 @@ latest parent run tagged ``prunetune.sweep=true``, looked up under ``--tracking-
 
 With several experiments each sweep is one series; with ``--by-method`` or a single experiment each
 method of each sweep is one. Every series' front is plotted in one PNG and printed as a table, with
-its hypervolume against ONE reference shared by all series (zero accuracy, the largest dense-model
-MACs of the sweeps), so the numbers are comparable.
+its hypervolume against ONE reference shared by all series, so the numbers are comparable.
+
+The cost is the sweeps' ``objective`` (from each sweep's saved config, else its parent run's params;
+``macs`` for sweeps older than the field): MACs, reference = zero accuracy and the largest dense-model
+MACs of the sweeps; or ``latency_ratio``, reference = zero accuracy and ratio 1 (the dense model).
+Sweeps that searched different objectives are not compared (one error line).
 
 ``resolve_sweep`` (shared with ``search.promote``) turns an EXPERIMENT argument into a
 :class:`SweepRef`.
@@ -29,7 +33,8 @@ from mlflow.tracking import MlflowClient
 from methods.errors import ConfigError
 from trainables import storage
 
-from .fronts import DIRECTIONS, TrialPoint, plot_fronts, sweep_points
+from .config import OBJECTIVES
+from .fronts import DIRECTIONS, TrialPoint, cost_label, plot_fronts, reference_point, sweep_points
 from .pareto import front, hypervolume
 from .sweep import STATE_FILE
 from .tracking import SWEEP_TAG, child_runs
@@ -52,6 +57,7 @@ class SweepRef:
     experiment_name: str
     experiment_dir: Path | str | None = None  # a URI string for an object-store sweep
     config: dict[str, Any] | None = None  # from STATE_FILE, when the sweep directory is known
+    objective: str = "macs"  # the searched cost: the config's, else the parent run's param; macs for old sweeps
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
@@ -66,6 +72,7 @@ class FrontSeries:
     points: list[TrialPoint] = field(default_factory=list)
     front: list[TrialPoint] = field(default_factory=list)
     hypervolume: float = math.nan
+    objective: str = "macs"
 
 
 # ---- resolving EXPERIMENT arguments -----------------------------------------------------------------------
@@ -118,8 +125,10 @@ def resolve_sweep(source: str | Path, tracking_uri: str | None = None) -> SweepR
             raise ConfigError(f"sweep directory {text!r}: parent run {state['parent_run_id']} not found in "
                               f"{state['tracking_uri']} ({type(exc).__name__})") from None
         exp = client.get_experiment(run.info.experiment_id)
+        config = state.get("config")
         return SweepRef(storage.name(location), state["tracking_uri"], state["parent_run_id"], exp.name,
-                        Path(location) if storage.local_path(location) else location, state.get("config"))
+                        Path(location) if storage.local_path(location) else location, config,
+                        _objective(config, run, text))
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
     db = _sqlite_path(uri)
@@ -145,7 +154,16 @@ def resolve_sweep(source: str | Path, tracking_uri: str | None = None) -> SweepR
         if state.get("parent_run_id") == run.info.run_id:
             config = state.get("config")
     exp_loc = (exp_dir if storage.is_uri(exp_dir) else Path(exp_dir)) if exp_dir else None
-    return SweepRef(text, uri, run.info.run_id, exp.name, exp_loc, config)
+    return SweepRef(text, uri, run.info.run_id, exp.name, exp_loc, config, _objective(config, run, text))
+
+
+def _objective(config: dict[str, Any] | None, parent_run, source: str) -> str:
+    """The sweep's searched cost: its saved config's ``objective``, else the parent run's param of
+    that name (every config field is one), else ``macs`` (sweeps from before the field)."""
+    value = (config or {}).get("objective") or parent_run.data.params.get("objective") or "macs"
+    if value not in OBJECTIVES:
+        raise ConfigError(f"sweep {source!r}: unknown objective {value!r} (expected one of {', '.join(OBJECTIVES)})")
+    return value
 
 
 def dense_macs(client: MlflowClient, parent_run_id: str) -> float:
@@ -158,7 +176,7 @@ def dense_macs(client: MlflowClient, parent_run_id: str) -> float:
 # ---- collecting and comparing -------------------------------------------------------------------------------
 def _front_of(points: Sequence[TrialPoint]) -> list[TrialPoint]:
     idx = front([p.objectives for p in points], DIRECTIONS) if points else []
-    return sorted((points[i] for i in idx), key=lambda p: (p.macs, -p.accuracy))
+    return sorted((points[i] for i in idx), key=lambda p: (p.cost, -p.accuracy))
 
 
 def _unique_labels(refs: Sequence[SweepRef]) -> list[str]:
@@ -172,14 +190,20 @@ def collect_fronts(sources: Sequence[str | Path], by_method: bool = False,
     if not sources:
         raise ConfigError("fronts: give at least one experiment (a sweep directory or an MLflow experiment name)")
     refs = [resolve_sweep(s, tracking_uri) for s in sources]
+    objectives = {r.objective for r in refs}
+    if len(objectives) > 1:
+        which = ", ".join(f"{lab}: {r.objective}" for lab, r in zip(_unique_labels(refs), refs))
+        raise ConfigError(f"fronts: the sweeps searched different objectives ({which}); compare sweeps of one objective")
+    objective = objectives.pop()
     split = by_method or len(refs) == 1
     raw: list[tuple[str, str, list[TrialPoint]]] = []
     dense: list[float] = []
     for ref, label in zip(refs, _unique_labels(refs)):
         client = ref.client()
-        points = sweep_points(client, ref.parent_run_id)
+        points = sweep_points(client, ref.parent_run_id, objective)
         if not points:
-            log.warning("sweep %s (run %s) has no finished trial with accuracy and MACs", label, ref.parent_run_id)
+            log.warning("sweep %s (run %s) has no finished trial with accuracy and %s", label, ref.parent_run_id,
+                        cost_label(objective))
         dense.append(dense_macs(client, ref.parent_run_id))
         if split:
             for method in sorted({p.method for p in points}):
@@ -188,11 +212,9 @@ def collect_fronts(sources: Sequence[str | Path], by_method: bool = False,
         else:
             raw.append((label, label, points))
     finite = [d for d in dense if math.isfinite(d)]
-    all_macs = [p.macs for _, _, pts in raw for p in pts if math.isfinite(p.macs)]
-    ref_macs = max(finite) if finite else (1.1 * max(all_macs) if all_macs else 1.0)
-    reference = (0.0, float(ref_macs))
+    reference = reference_point(objective, max(finite) if finite else None, [p for _, _, pts in raw for p in pts])
     series = [FrontSeries(name, sweep, pts, _front_of(pts),
-                          hypervolume([p.objectives for p in pts], reference, DIRECTIONS) if pts else 0.0)
+                          hypervolume([p.objectives for p in pts], reference, DIRECTIONS) if pts else 0.0, objective)
               for name, sweep, pts in raw]
     return series, reference
 
@@ -203,8 +225,8 @@ def compare_fronts(sources: Sequence[str | Path], out: str | Path = "fronts.png"
     series, reference = collect_fronts(sources, by_method, tracking_uri)
     _plot(series, Path(out))
     for s in series:
-        log.info("%s: %d trials, front of %d, hypervolume %.6g (reference accuracy %g, MACs %.6g)",
-                 s.label, len(s.points), len(s.front), s.hypervolume, *reference)
+        log.info("%s: %d trials, front of %d, hypervolume %.6g (reference accuracy %g, %s %.6g)",
+                 s.label, len(s.points), len(s.front), s.hypervolume, reference[0], cost_label(s.objective), reference[1])
     return {s.label: s.front for s in series}
 
 
@@ -219,16 +241,28 @@ def _num(value: float, fmt: str) -> str:
 
 
 def format_table(series: Sequence[FrontSeries], reference: tuple[float, float]) -> str:
-    """The fronts as a fixed-width table (one row per front point; the run id is the last column),
-    then each series' hypervolume."""
+    """The fronts as a fixed-width table (one row per front point, cheapest first; the run id is the
+    last column), then each series' hypervolume. The fourth column is the searched cost: ``MACs``,
+    or ``latency_ratio`` (then followed by the pruned and dense latencies in ms and the MACs)."""
+    objective = series[0].objective if series else "macs"
     width = max([len("label")] + [len(s.label) for s in series])
-    lines = [f"{'label':<{width}}  {'method':<10} {'accuracy':>9} {'MACs':>13} {'params':>11} {'test acc':>9}  run id"]
+    if objective == "macs":
+        lines = [f"{'label':<{width}}  {'method':<10} {'accuracy':>9} {'MACs':>13} {'params':>11} {'test acc':>9}  run id"]
+    else:
+        lines = [f"{'label':<{width}}  {'method':<10} {'accuracy':>9} {'latency_ratio':>13} {'latency ms':>11} "
+                 f"{'dense ms':>11} {'MACs':>13} {'params':>11} {'test acc':>9}  run id"]
     for s in series:
         for p in s.front:
-            lines.append(f"{s.label:<{width}}  {p.method:<10} {_num(p.accuracy, '.4f'):>9} {_num(p.macs, ',.0f'):>13} "
+            if objective == "macs":
+                cells = f"{_num(p.macs, ',.0f'):>13}"
+            else:
+                cells = (f"{_num(p.latency_ratio, '.4f'):>13} {_num(p.latency_ms, '.3f'):>11} "
+                         f"{_num(p.dense_latency_ms, '.3f'):>11} {_num(p.macs, ',.0f'):>13}")
+            lines.append(f"{s.label:<{width}}  {p.method:<10} {_num(p.accuracy, '.4f'):>9} {cells} "
                          f"{_num(p.params, ',.0f'):>11} {_num(p.test_accuracy, '.4f'):>9}  {p.run_id}")
     lines.append("")
-    lines.append(f"hypervolume (reference: accuracy {reference[0]:g}, MACs {reference[1]:,.0f}):")
+    ref_cost = f"{reference[1]:,.0f}" if objective == "macs" else f"{reference[1]:g}"
+    lines.append(f"hypervolume (reference: accuracy {reference[0]:g}, {cost_label(objective)} {ref_cost}):")
     for s in series:
         lines.append(f"{s.label:<{width}}  {s.hypervolume:.6g}  "
                      f"({len(s.front)} on the front of {len(s.points)} trials)")
@@ -245,10 +279,11 @@ def _cmd_fronts(args, out: TextIO | None = None) -> int:
 
 
 def add_fronts_command(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("fronts", help="overlay and compare the accuracy-vs-MACs fronts of sweeps",
-                              description="Overlay the accuracy-vs-MACs Pareto fronts of sweeps (or of the "
-                                          "methods of one sweep) in one PNG, and print them as a table with "
-                                          "each series' hypervolume against one common reference.")
+    p = subparsers.add_parser("fronts", help="overlay and compare the accuracy-vs-cost fronts of sweeps",
+                              description="Overlay the Pareto fronts of sweeps (or of the methods of one sweep) "
+                                          "in one PNG, accuracy against the sweeps' searched cost (MACs or the "
+                                          "latency ratio), and print them as a table with each series' "
+                                          "hypervolume against one common reference.")
     p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
                    help="a sweep directory (printed by `prunetune run`) or an MLflow experiment name")
     p.add_argument("--out", default="fronts.png", metavar="PNG", help="the plot to write (default: fronts.png)")

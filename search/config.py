@@ -36,11 +36,17 @@ from methods.errors import ConfigError
 from methods.hyperparameters import Hyperparameter
 from methods.registry import get_method_class, list_methods
 
-__all__ = ["SweepConfig", "TrainConfig", "ResourcesConfig", "load_config", "config_from_dict", "SAMPLERS"]
+__all__ = ["SweepConfig", "TrainConfig", "ResourcesConfig", "load_config", "config_from_dict", "SAMPLERS",
+           "OBJECTIVES", "COST_METRICS"]
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "nsga2", "random")
+#: The searched cost (second objective, minimised; accuracy is the first, maximised) and the trial
+#: metric each one names: ``macs`` (batch 1, counted) or ``latency`` (pruned / dense latency, measured
+#: interleaved on the trial's device at the end of the trial).
+OBJECTIVES = ("macs", "latency")
+COST_METRICS = {"macs": "macs", "latency": "latency_ratio"}
 _FALLBACK_DATASETS = ("cifar10", "cifar100", "digits", "imagefolder")
 _DIR_DATASETS = ("cifar10", "cifar100", "imagefolder")
 _CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -238,6 +244,7 @@ class SweepConfig:
     latency_batch_size: int = 1
     download: bool = False
     calibration_batches: int = 4
+    objective: str = "macs"
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -269,6 +276,8 @@ class SweepConfig:
                                              ResourcesConfig()))
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler: unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         set_("seed", _int(self.seed, "seed", 0, 2**32 - 1))
         set_("base", _section(TrainConfig, self.base, "base", _BASE_DEFAULT))
         set_("finetune", _section(TrainConfig, self.finetune, "finetune", _FINETUNE_DEFAULT))

@@ -1,12 +1,16 @@
 """Promote the best model on a sweep's Pareto front to the MLflow Model Registry.
 
-``prunetune promote EXPERIMENT --name NAME [--max-macs N | --min-accuracy A] [--alias champion]``
+``prunetune promote EXPERIMENT --name NAME [--max-macs N | --max-latency-ratio R | --min-accuracy A]
+[--alias champion]``
 
-1. Candidates: the sweep's front (trial runs tagged ``pareto=true``; recomputed with
-   ``search.pareto.front`` when some finished trial has no ``pareto`` tag).
-2. Choice: with ``--max-macs`` the most accurate with ``macs <= N``; with ``--min-accuracy`` the
-   cheapest with ``accuracy >= A`` (validation accuracy, the searched metric); with neither the most
-   accurate. Nothing meets the budget: ``ConfigError`` listing the front, nothing registered.
+1. Candidates: the sweep's front of (accuracy, its searched cost: MACs or ``latency_ratio``, per the
+   sweep's ``objective``) (trial runs tagged ``pareto=true``; recomputed with ``search.pareto.front``
+   when some finished trial has no ``pareto`` tag).
+2. Choice: with ``--max-macs`` the most accurate with ``macs <= N``; with ``--max-latency-ratio`` the
+   most accurate with ``latency_ratio <= R`` (pruned / dense latency as the trial measured it); with
+   ``--min-accuracy`` the cheapest (in the searched cost) with ``accuracy >= A`` (validation
+   accuracy, the searched metric); with none the most accurate. Nothing meets the budget:
+   ``ConfigError`` listing the front, nothing registered.
 3. The run's ``model/`` artifacts are rebuilt with ``trainables.model_io.load_model`` and
    re-evaluated on the TEST split of the sweep's data set (config from the sweep's state file, else
    from the parent run's params).
@@ -78,13 +82,15 @@ class PromotionResult:
     model_uri: str                  # models:/NAME/VERSION
     logged_model_id: str            # MLflow 3 LoggedModel id (the version's source is models:/<id>)
     log_model_seconds: float
+    latency_ratio: float = math.nan  # pruned / dense latency recorded by the trial (NaN for old sweeps)
 
 
 # ---- choosing ------------------------------------------------------------------------------------------------
 def pareto_candidates(ref: SweepRef) -> list[TrialPoint]:
-    """The sweep's front, cheapest first: runs tagged ``pareto=true``, or front() if tags are missing."""
+    """The sweep's front in its searched cost, cheapest first: runs tagged ``pareto=true``, or
+    front() if tags are missing."""
     client = ref.client()
-    points = sweep_points(client, ref.parent_run_id)
+    points = sweep_points(client, ref.parent_run_id, ref.objective)
     if not points:
         raise ConfigError(f"sweep {ref.label!r} (run {ref.parent_run_id}) has no finished trial to promote")
     tags = {r.info.run_id: r.data.tags.get("pareto") for r in child_runs(client, ref.parent_run_id)}
@@ -93,31 +99,40 @@ def pareto_candidates(ref: SweepRef) -> list[TrialPoint]:
     else:
         log.info("sweep %s: some trials have no pareto tag; recomputing the front", ref.label)
         best = [points[i] for i in front([p.objectives for p in points], DIRECTIONS)]
-    return sorted(best, key=lambda p: (p.macs, -p.accuracy))
+    return sorted(best, key=lambda p: (p.cost, -p.accuracy))
 
 
 def _describe(p: TrialPoint) -> str:
-    return f"{p.method} accuracy {p.accuracy:.4f} MACs {p.macs:,.0f} (run {p.run_id})"
+    latency = f" latency_ratio {p.latency_ratio:.3f}" if math.isfinite(p.latency_ratio) else ""
+    return f"{p.method} accuracy {p.accuracy:.4f} MACs {p.macs:,.0f}{latency} (run {p.run_id})"
 
 
 def select_candidate(candidates: Sequence[TrialPoint], max_macs: float | None = None,
-                     min_accuracy: float | None = None) -> TrialPoint:
-    """Pick from the front under the budget (see the module docstring); ConfigError if none fits."""
-    if max_macs is not None and min_accuracy is not None:
-        raise ConfigError("promote: give --max-macs or --min-accuracy, not both")
+                     min_accuracy: float | None = None, max_latency_ratio: float | None = None) -> TrialPoint:
+    """Pick from the front under the budget (see the module docstring); ConfigError if none fits.
+    "Cheapest" and ties are in each point's searched cost (``TrialPoint.cost``)."""
+    budgets = [flag for flag, value in (("--max-macs", max_macs), ("--max-latency-ratio", max_latency_ratio),
+                                        ("--min-accuracy", min_accuracy)) if value is not None]
+    if len(budgets) > 1:
+        raise ConfigError(f"promote: give one budget (--max-macs, --max-latency-ratio or --min-accuracy), "
+                          f"not both {budgets[0]} and {budgets[1]}")
     if max_macs is not None:
         fits = [p for p in candidates if p.macs <= max_macs]
-        pick = max(fits, key=lambda p: (p.accuracy, -p.macs)) if fits else None
+        pick = max(fits, key=lambda p: (p.accuracy, -p.cost)) if fits else None
         budget = f"macs <= {max_macs:,.0f}" if float(max_macs).is_integer() else f"macs <= {max_macs:,g}"
+    elif max_latency_ratio is not None:
+        fits = [p for p in candidates if p.latency_ratio <= max_latency_ratio]  # NaN (old sweeps) never fits
+        pick = max(fits, key=lambda p: (p.accuracy, -p.cost)) if fits else None
+        budget = f"latency_ratio <= {max_latency_ratio:g}"
     elif min_accuracy is not None:
         fits = [p for p in candidates if p.accuracy >= min_accuracy]
-        pick = min(fits, key=lambda p: (p.macs, -p.accuracy)) if fits else None
+        pick = min(fits, key=lambda p: (p.cost, -p.accuracy)) if fits else None
         budget = f"validation accuracy >= {min_accuracy:g}"
     else:
-        pick = max(candidates, key=lambda p: (p.accuracy, -p.macs)) if candidates else None
+        pick = max(candidates, key=lambda p: (p.accuracy, -p.cost)) if candidates else None
         budget = "any"
     if pick is None:
-        options = "; ".join(_describe(p) for p in sorted(candidates, key=lambda p: p.macs)[:8])
+        options = "; ".join(_describe(p) for p in sorted(candidates, key=lambda p: p.cost)[:8])
         raise ConfigError(f"promote: no model on the Pareto front has {budget}; the front's options "
                           f"(cheapest first): {options or 'none'}")
     return pick
@@ -200,13 +215,18 @@ def pip_requirements() -> list[str]:
 
 
 def _metric_tags(p: TrialPoint, reevaluated: float) -> dict[str, str]:
-    return {"accuracy": f"{p.accuracy:.6g}", "test_accuracy": f"{p.test_accuracy:.6g}",
+    tags = {"accuracy": f"{p.accuracy:.6g}", "test_accuracy": f"{p.test_accuracy:.6g}",
             "reevaluated_test_accuracy": f"{reevaluated:.6g}", "macs": f"{p.macs:.0f}",
             "params": f"{p.params:.0f}" if math.isfinite(p.params) else "nan", "method": p.method}
+    for key in ("latency_ratio", "latency_ms", "dense_latency_ms"):
+        if math.isfinite(getattr(p, key)):
+            tags[key] = f"{getattr(p, key):.6g}"
+    return tags
 
 
 def promote(source: str | Path, name: str, max_macs: float | None = None, min_accuracy: float | None = None,
-            alias: str = "champion", tracking_uri: str | None = None, tolerance: float = 0.005) -> PromotionResult:
+            alias: str = "champion", tracking_uri: str | None = None, tolerance: float = 0.005,
+            max_latency_ratio: float | None = None) -> PromotionResult:
     """Register the best front model of sweep ``source`` under ``name`` and move ``alias`` to it.
 
     See the module docstring. Raises ``ConfigError`` (nothing registered) for bad arguments or a
@@ -229,9 +249,11 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
         raise ConfigError(f"promote: --max-macs must be a positive number, got {max_macs!r}")
     if min_accuracy is not None and not (math.isfinite(min_accuracy) and 0 <= min_accuracy <= 1):
         raise ConfigError(f"promote: --min-accuracy must be in [0, 1], got {min_accuracy!r}")
+    if max_latency_ratio is not None and not (math.isfinite(max_latency_ratio) and max_latency_ratio > 0):
+        raise ConfigError(f"promote: --max-latency-ratio must be a positive number, got {max_latency_ratio!r}")
 
     ref = resolve_sweep(source, tracking_uri)
-    pick = select_candidate(pareto_candidates(ref), max_macs, min_accuracy)
+    pick = select_candidate(pareto_candidates(ref), max_macs, min_accuracy, max_latency_ratio)
     log.info("promoting %s from sweep %s", _describe(pick), ref.label)
     data_settings = _data_settings(ref)
     client = ref.client()
@@ -288,7 +310,7 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
 
     result = PromotionResult(name, version, alias, validated, validated, pick.run_id, run_id, ref.parent_run_id,
                              pick.method, pick.accuracy, recorded, reevaluated, pick.macs, pick.params,
-                             f"models:/{name}/{version}", info.model_id, seconds)
+                             f"models:/{name}/{version}", info.model_id, seconds, pick.latency_ratio)
     if not validated:
         raise PromotionError(
             f"promote: validation failed for {name} version {version}: re-evaluated test accuracy {reevaluated:.4f} "
@@ -303,7 +325,8 @@ def format_result(r: PromotionResult) -> str:
     where = (f"@{r.alias} -> version {r.version}" if r.alias_moved
              else f"version {r.version} (alias {r.alias!r} not moved)")
     return (f"promoted {r.name} {where}\n"
-            f"  method {r.method}, MACs {r.macs:,.0f}, params {r.params:,.0f}\n"
+            f"  method {r.method}, MACs {r.macs:,.0f}, params {r.params:,.0f}"
+            f"{f', latency_ratio {r.latency_ratio:.3f}' if math.isfinite(r.latency_ratio) else ''}\n"
             f"  accuracy (val) {r.accuracy:.4f}, test accuracy recorded {r.test_accuracy:.4f}, "
             f"re-evaluated {r.reevaluated_test_accuracy:.4f}\n"
             f"  source run {r.source_run_id} (sweep run {r.sweep_run_id}), promotion run {r.promotion_run_id}\n"
@@ -314,7 +337,8 @@ def _cmd_promote(args, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     try:
         result = promote(args.experiment, args.name, max_macs=args.max_macs, min_accuracy=args.min_accuracy,
-                         alias=args.alias, tracking_uri=args.tracking_uri, tolerance=args.tolerance)
+                         alias=args.alias, tracking_uri=args.tracking_uri, tolerance=args.tolerance,
+                         max_latency_ratio=args.max_latency_ratio)
     except PromotionError as exc:
         print(f"prunetune: error: {exc}", file=sys.stderr)
         return VALIDATION_FAILED_EXIT
@@ -333,8 +357,11 @@ def add_promote_command(subparsers) -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--max-macs", type=float, default=None, metavar="N",
                         help="the most accurate front model with at most N MACs")
+    budget.add_argument("--max-latency-ratio", type=float, default=None, metavar="R",
+                        help="the most accurate front model whose latency is at most R times the dense "
+                             "model's (latency_ratio, as the trial measured it on its device)")
     budget.add_argument("--min-accuracy", type=float, default=None, metavar="A",
-                        help="the cheapest front model with validation accuracy >= A")
+                        help="the cheapest front model (in the sweep's searched cost) with validation accuracy >= A")
     p.add_argument("--alias", default="champion", help="alias to move to the new version (default: champion)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
                    help=f"MLflow tracking URI for an experiment name (default: {DEFAULT_TRACKING_URI})")

@@ -1,18 +1,45 @@
-"""Ray's OptunaSearch, with the one fix multi-objective pruning sweeps need: a trial that errored
-(or whose loss became NaN) or stopped before its last epoch is told to Optuna as FAIL or PRUNED,
-never as COMPLETE with the under-trained values of its last epoch (what the stock searcher does)."""
+"""Ray's OptunaSearch, with the fixes multi-objective pruning sweeps need:
+
+* a trial that errored (or whose loss became NaN) or stopped before its last epoch is told to Optuna
+  as FAIL or PRUNED, never as COMPLETE with the under-trained values of its last epoch (what the
+  stock searcher does);
+* the cost objective may be one that only a trial's final result carries (``latency_ratio``: the
+  latency is measured once, after the last epoch).
+
+Strict metric checking. Ray Tune (2.60, ``TuneController._validate_result_metrics``) checks EVERY
+result a trial reports for every metric in ``search_alg.metric``, and raises if one is missing
+(unless the process-wide ``TUNE_DISABLE_STRICT_METRIC_CHECKING=1``). The searcher, though, reads only
+the final result (multi-objective Optuna takes no intermediate values). So :class:`ParetoOptunaSearch`
+keeps the full objective list for Optuna (``objectives``, the study's directions from ``MODES``) and
+exposes as ``metric``/``mode`` (what Tune checks per result, and what its ``ConcurrencyLimiter``
+copies) only the objectives every epoch reports (``EVERY_EPOCH``: accuracy and MACs). Nothing is
+reported that was not measured, and no global switch is flipped; a finished trial whose final result
+lacks an objective, or has a non-finite one, is told FAIL.
+"""
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any, Callable
 
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-__all__ = ["ParetoOptunaSearch", "make_sampler", "OBJECTIVES", "MODES", "FINAL_KEY"]
+from .config import COST_METRICS
 
-OBJECTIVES, MODES = ["accuracy", "macs"], ["max", "min"]
+__all__ = ["ParetoOptunaSearch", "make_sampler", "objectives", "MODES", "FINAL_KEY", "EVERY_EPOCH"]
+
+log = logging.getLogger(__name__)
+MODES = ["max", "min"]
 #: Only a trial's last report carries this metric; its presence marks a finished trial.
 FINAL_KEY = "test_accuracy"
+#: Objectives every epoch's result carries (the others, e.g. ``latency_ratio``, only the final one).
+EVERY_EPOCH = ("accuracy", "macs")
+
+
+def objectives(objective: str = "macs") -> list[str]:
+    """The metric names Optuna optimises for a config's ``objective``: accuracy, then the cost."""
+    return ["accuracy", COST_METRICS[objective]]
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -26,12 +53,50 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 class ParetoOptunaSearch(OptunaSearch):
-    def __init__(self, space: Callable, sampler: optuna.samplers.BaseSampler, seed: int):
-        super().__init__(space=space, metric=OBJECTIVES, mode=MODES, sampler=sampler, seed=seed)
+    """``objective`` is the config's (``macs`` or ``latency``): Optuna gets ``[accuracy, macs]`` or
+    ``[accuracy, latency_ratio]`` (max, min) from each finished trial's final result."""
+
+    def __init__(self, space: Callable, sampler: optuna.samplers.BaseSampler, seed: int, objective: str = "macs"):
+        super().__init__(space=space, metric=objectives(objective), mode=MODES, sampler=sampler, seed=seed)
+
+    @property
+    def objectives(self) -> list[str]:
+        """What Optuna optimises (in order, with ``MODES``)."""
+        return list(self._metric)
+
+    @property
+    def metric(self) -> list[str]:
+        """What Tune requires in every reported result: the objectives every epoch reports (see the
+        module docstring). Derived from the objectives, so a searcher pickled by an older sweep
+        (``[accuracy, macs]``) restores unchanged. Always a list: OptunaSearch then takes no
+        intermediate values (multi-objective)."""
+        return [m for m in self._metric if m in EVERY_EPOCH]
+
+    @property
+    def mode(self) -> list[str]:
+        """The modes of ``metric`` (Tune's ``ConcurrencyLimiter`` copies both and checks that their
+        lengths agree)."""
+        return [mode for m, mode in zip(self._metric, self._mode) if m in EVERY_EPOCH]
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            log.warning("trial %s completed twice; the second completion is ignored", trial_id)
+            return
+        ot_trial = self._ot_trials[trial_id]
+        values, state = None, optuna.trial.TrialState.FAIL
         if error or (result is not None and result.get("nonfinite")):
-            result, error = None, True  # told FAIL, whatever its last epoch reported
-        elif result is not None and FINAL_KEY not in result:
-            result = None  # stopped early: told PRUNED
-        super().on_trial_complete(trial_id, result=result, error=error)
+            pass  # told FAIL, whatever its last epoch reported
+        elif result is None or FINAL_KEY not in result:
+            state = optuna.trial.TrialState.PRUNED  # stopped early
+        else:
+            raw = [result.get(m) for m in self.objectives]
+            if all(isinstance(v, (int, float)) and math.isfinite(v) for v in raw):
+                values, state = [float(v) for v in raw], optuna.trial.TrialState.COMPLETE
+            else:
+                log.warning("trial %s finished without finite %s (got %s): told FAIL", trial_id,
+                            " and ".join(self.objectives), raw)
+        try:
+            self._ot_study.tell(ot_trial, values, state=state)
+        except (RuntimeError, ValueError) as exc:  # e.g. already finished in the study: keep the sweep going
+            log.warning("could not tell Optuna the end of trial %s: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)

@@ -38,6 +38,7 @@ class SweepResult:
     hypervolume: float
     front: list = field(default_factory=list)
     base_metrics: dict[str, Any] = field(default_factory=dict)
+    objective: str = "macs"  # the config's: the front's cost is MACs or the latency ratio
 
 
 def settings_from_config(cfg: SweepConfig):
@@ -82,16 +83,16 @@ def _tune_location(exp_dir: str) -> tuple[str, dict[str, Any]]:
     return path, {"storage_filesystem": fs}
 
 
-def _record_front(client, parent: str, exp_dir: str, dense_macs: float) -> dict:
+def _record_front(client, parent: str, exp_dir: str, dense_macs: float, objective: str) -> dict:
     """``record_front`` writes the CSV and PNG into a folder and logs them to MLflow; for an object
     store that folder is temporary and its files are also copied to ``exp_dir/front``."""
     from .fronts import record_front
 
     local = storage.local_path(exp_dir)
     if local is not None:
-        return record_front(client, parent, local / "front", dense_macs=dense_macs)
+        return record_front(client, parent, local / "front", dense_macs=dense_macs, objective=objective)
     with tempfile.TemporaryDirectory(prefix="prunetune-front-") as tmp:
-        summary = record_front(client, parent, Path(tmp), dense_macs=dense_macs)
+        summary = record_front(client, parent, Path(tmp), dense_macs=dense_macs, objective=objective)
         storage.upload_dir(tmp, storage.join(exp_dir, "front"))
     return summary
 
@@ -155,7 +156,8 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False, **tune_storage)
         else:
-            searcher = ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler(cfg.sampler, cfg.seed), cfg.seed)
+            searcher = ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler(cfg.sampler, cfg.seed), cfg.seed,
+                                          objective=cfg.objective)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cfg.num_trials,
@@ -169,12 +171,12 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
         tuner.fit()
         failed = sum(1 for r in child_runs(client, parent) if r.info.status == "FAILED")
         dense_macs = profile(build_model(settings), tuple(load_data(settings).input_shape)).macs
-        summary = _record_front(client, parent, exp_dir, dense_macs)
+        summary = _record_front(client, parent, exp_dir, dense_macs, cfg.objective)
         client.set_terminated(parent, status="FINISHED")
         log.info("sweep done: %d finished, %d failed; front of %d, hypervolume %.4g",
                  summary["trials"], failed, len(summary["front"]), summary["hypervolume"])
         return SweepResult(exp_dir if storage.is_uri(exp_dir) else Path(exp_dir), parent, summary["trials"], failed,
-                           summary["hypervolume"], summary["front"], base_metrics)
+                           summary["hypervolume"], summary["front"], base_metrics, cfg.objective)
     except BaseException:
         client.set_terminated(parent, status="KILLED")
         raise

@@ -31,12 +31,15 @@ from ray.tune import Callback
 
 from methods.errors import ConfigError
 
-__all__ = ["MLflowTrialLogger", "open_parent_run", "child_runs", "TRIAL_TAG", "PARENT_TAG", "SWEEP_TAG"]
+__all__ = ["MLflowTrialLogger", "open_parent_run", "child_runs", "TRIAL_TAG", "PARENT_TAG", "SWEEP_TAG",
+           "LOGGED_METRICS", "LOGGED_TAGS"]
 
 log = logging.getLogger(__name__)
 TRIAL_TAG, PARENT_TAG, SWEEP_TAG = "prunetune.trial_id", "mlflow.parentRunId", "prunetune.sweep"
 LOGGED_METRICS = ("loss", "train_accuracy", "accuracy", "val_loss", "macs", "params", "epoch_seconds",
-                  "test_accuracy", "latency_ms", "dense_macs")
+                  "test_accuracy", "latency_ms", "dense_latency_ms", "latency_ratio", "dense_macs")
+#: String results (not metrics in MLflow): logged as tags of the trial's child run.
+LOGGED_TAGS = ("stage", "latency_model", "latency_device")
 
 
 def _param_value(v: Any) -> str:
@@ -172,7 +175,7 @@ class MLflowTrialLogger(Callback):
         metrics = [Metric(k, float(result[k]), now, step) for k in LOGGED_METRICS
                    if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))
                    and step not in logged.get(k, ())]
-        tags = [RunTag("stage", str(result.get("stage", "")))]
+        tags = [RunTag(k, str(result[k])) for k in LOGGED_TAGS if result.get(k) is not None]
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         for m in metrics:
             logged.setdefault(m.key, set()).add(step)
@@ -191,8 +194,9 @@ class MLflowTrialLogger(Callback):
             log.warning("could not log the model of trial %s: %s", trial.trial_id, exc)
         self.client.set_terminated(run_id, status="FINISHED")
         self._done.add(trial.trial_id)
-        log.info("trial %s (%s) finished: accuracy %.4f, MACs %.3g", trial.trial_id, trial.config.get("method"),
-                 result.get("accuracy", float("nan")), result.get("macs", float("nan")))
+        log.info("trial %s (%s) finished: accuracy %.4f, MACs %.3g, latency ratio %.3f (%s)", trial.trial_id,
+                 trial.config.get("method"), result.get("accuracy", float("nan")), result.get("macs", float("nan")),
+                 result.get("latency_ratio", float("nan")), result.get("latency_device", "?"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._fail(trial, self._run_for(trial), _error_text(trial))

@@ -35,7 +35,7 @@ def test_defaults(tmp_path):
     assert cfg.address is None and cfg.tracking_uri == "sqlite:///mlflow.db"
     assert cfg.storage_path == os.path.abspath("ray_results")  # made absolute for the trial workers
     assert (cfg.image_size, cfg.model_kwargs, cfg.max_failures, cfg.latency_batch_size, cfg.download,
-            cfg.calibration_batches) == (None, {}, 1, 1, False, 4)
+            cfg.calibration_batches, cfg.objective) == (None, {}, 1, 1, False, 4, "macs")
     assert cfg.space == {}
 
 
@@ -53,7 +53,7 @@ def test_round_trip(tmp_path):
         "num_trials": 5, "resources_per_trial": {"cpu": 2, "gpu": 0.25}, "sampler": "nsga2", "seed": 7,
         "base": {"epochs": 2, "lr": 0.05}, "address": "auto", "tracking_uri": "http://localhost:5000",
         "image_size": 32, "model_kwargs": {"width_mult": 0.5}, "max_failures": 0, "download": True,
-        "dataset": "cifar10", "data_dir": str(tmp_path / "cifar"),
+        "dataset": "cifar10", "data_dir": str(tmp_path / "cifar"), "objective": "latency",
     }
     cfg = config_from_dict(data)
     d = cfg.to_dict()
@@ -202,6 +202,8 @@ BAD = [
     ({"max_failures": -2}, ["max_failures: must be an integer >= -1, got -2"]),
     ({"latency_batch_size": 0}, ["latency_batch_size: must be an integer >= 1, got 0"]),
     ({"calibration_batches": 0}, ["calibration_batches: must be an integer >= 1, got 0"]),
+    ({"objective": "flops"}, ["objective: expected one of macs, latency, got 'flops'"]),
+    ({"objective": None}, ["objective: expected one of macs, latency, got None"]),
 ]
 
 
@@ -345,3 +347,16 @@ def test_entries_for_unselected_methods_are_ignored_so_methods_can_be_overridden
     space = cfg.search_space()
     assert sorted(space) == ["l1_norm", "random"]
     assert (space["l1_norm"]["prune_ratio"].low, space["l1_norm"]["prune_ratio"].high) == (0.2, 0.8)
+
+
+def test_bad_objective_is_one_exact_line(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "quickstart.yaml", ["objective=x"])
+    assert str(info.value) == "objective: expected one of macs, latency, got 'x'"
+    assert load_config(CONFIGS / "quickstart.yaml", ["objective=latency"]).objective == "latency"
+
+
+def test_quickstart_searches_macs():
+    """MACs stay the quickstart's (and the default) cost: latency on a shared CPU is noisy."""
+    assert load_config(CONFIGS / "quickstart.yaml").objective == "macs"
+    assert "objective: macs" in (CONFIGS / "quickstart.yaml").read_text()

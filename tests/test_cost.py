@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from methods.cost import Cost, LatencyResult, latency, profile
+from methods.cost import Cost, LatencyResult, latencies, latency, profile
 from trainables.models import create_model
 
 # METHODS.md, "Reference sizes": MACs at batch 1 (conv + linear only) and params.
@@ -136,6 +136,35 @@ def test_latency_rejects_bad_arguments(kwargs):
         latency(_ConvLinear(), (3, 8, 8), **kwargs)
 
 
+def _conv_net(width: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, width, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(width, 10))
+
+
+def test_latencies_time_models_interleaved():
+    """Every model gets rounds x repeats timed passes; the model with over 100x the MACs measures slower; each
+    model's train/eval flags are restored and the thread count put back."""
+    small, large = _conv_net(4).eval(), _conv_net(64).train()
+    before = torch.get_num_threads()
+    res_small, res_large = latencies([small, large], (3, 32, 32), warmup=1, repeats=2, rounds=3, threads=1)
+    for r in (res_small, res_large):
+        assert isinstance(r, LatencyResult) and r.device == "cpu" and r.threads == 1 and r.batch_size == 1
+        assert len(r.times_s) == 6 and all(t > 0 for t in r.times_s)
+        assert r.median_s == statistics.median(r.times_s)
+    assert profile(large, (3, 32, 32)).macs > 100 * profile(small, (3, 32, 32)).macs
+    assert res_large.median_s > res_small.median_s
+    assert large.training and not small.training and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("kwargs", [{"rounds": 0}, {"repeats": 0}])
+def test_latencies_reject_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        latencies([_ConvLinear()], (3, 8, 8), **kwargs)
+    with pytest.raises(ValueError, match="at least one model"):
+        latencies([], (3, 8, 8))
+
+
 def test_profile_uses_model_dtype():
     model = _ConvLinear().double()
     assert profile(model, (3, 8, 8)).macs == 18944
@@ -151,3 +180,29 @@ def test_cuda_profile_and_latency():
     result = latency(model, (3, 8, 8), warmup=0, repeats=2, device="cpu")
     assert result.device == "cpu"
     assert next(model.parameters()).is_cuda
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_latency_runs_as_the_trials_do_and_restores_the_model():
+    """On CUDA the timed passes see a channels_last input and weights under bf16 autocast (as the
+    trials train and evaluate); afterwards the model has its own tensors back, on its own device."""
+    model = _conv_net(16)  # on the CPU: latencies moves it to CUDA and back
+    params = {n: p for n, p in model.named_parameters()}
+    data = {n: p.data for n, p in params.items()}
+    seen = []
+
+    def hook(module, inputs, output):
+        seen.append((inputs[0].is_contiguous(memory_format=torch.channels_last),
+                     module.weight.is_contiguous(memory_format=torch.channels_last), output.dtype))
+
+    model[3].register_forward_hook(hook)
+    timed, other = latencies([model, _conv_net(4)], (3, 32, 32), batch_size=8, warmup=1, repeats=2, rounds=2,
+                             device="cuda")
+    assert timed.device.startswith("cuda") and other.device == timed.device
+    assert len(timed.times_s) == 4 and timed.median_s > 0
+    assert len(seen) == 1 + 4 and all(s == (True, True, torch.bfloat16) for s in seen), seen
+    for n, p in model.named_parameters():  # the same parameters, back on the CPU, contiguous, unchanged
+        assert p is params[n] and p.device.type == "cpu" and p.is_contiguous() and torch.equal(p.detach(), data[n])
+    seen.clear()
+    latency(model.cuda(), (3, 32, 32), warmup=0, repeats=1, cuda_amp=False)
+    assert seen == [(False, False, torch.float32)]

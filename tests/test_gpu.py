@@ -107,3 +107,15 @@ def test_pruning_a_cuda_model_gives_a_cuda_model():
     assert all(p.is_cuda for p in pruned.parameters())
     with torch.no_grad():
         assert pruned(torch.randn(4, 1, 8, 8, device=CUDA)).shape == (4, 10)
+
+
+def test_cuda_trial_times_its_latency_on_the_gpu(tmp_path):
+    """A trial on CUDA measures the pruned and the dense model side by side on the GPU (channels_last,
+    bf16 autocast), not on the CPU."""
+    gpu = _settings(tmp_path, use_gpu=True)
+    ensure_base_model(gpu)
+    final = run_trial(gpu, "l1_norm", {"prune_ratio": 0.5}, lambda metrics, save: None)
+    assert final["latency_device"] == "cuda"
+    assert math.isfinite(final["latency_ratio"]) and final["latency_ratio"] > 0
+    assert final["dense_latency_ms"] > 0
+    assert final["latency_ratio"] == pytest.approx(final["latency_ms"] / final["dense_latency_ms"], rel=1e-12)

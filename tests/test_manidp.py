@@ -317,6 +317,7 @@ def test_inference_model_is_the_skipping_path_with_the_masked_outputs(phase, val
     torch.testing.assert_close(skipped, masked, rtol=1e-5, atol=1e-5)
     # The masked model computes every filter; the view only the active ones.
     assert average_macs(pruned, [x], DIGITS) < profile(_dense("resnet20", DIGITS), DIGITS).macs
+    assert method.inference_model(pruned, batch_size=64) is pruned  # a batch runs the masked model
     dense = create_model("resnet20", 10, in_channels=1)
     assert method.inference_model(dense) is dense  # nothing gated, nothing to skip
     for name in list_methods():

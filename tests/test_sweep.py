@@ -26,8 +26,9 @@ def test_sweep_records_parent_children_and_front(tiny_sweep):
         assert run.data.params["method"] in ("l1_norm", "random")
         methods_seen.add(run.data.params["method"])
         assert 0.2 <= float(run.data.params["prune_ratio"]) <= 0.8
-        for key in ("accuracy", "test_accuracy", "macs", "params", "latency_ms"):
+        for key in ("accuracy", "test_accuracy", "macs", "params", "latency_ms", "dense_latency_ms", "latency_ratio"):
             assert key in run.data.metrics, key
+        assert run.data.tags["latency_device"] == "cpu" and run.data.tags["latency_model"] == "CifarResNet"
         assert run.data.metrics["macs"] < run.data.metrics["dense_macs"]
         # Per-epoch history: one accuracy per epoch (no phase for these methods; 1 fine-tune epoch).
         history = client.get_metric_history(run.info.run_id, "accuracy")

@@ -24,9 +24,11 @@ from trainables.trial import MODEL_DIR, STATE_FILE, _seed_epoch, run_trial
 PHASE_EPOCHS, FINETUNE_EPOCHS = 2, 2
 # Small, fast hyperparameters: a whole trial is one or two seconds on one core.
 QUICK = {"phase_epochs": PHASE_EPOCHS, "samples_per_layer": 64, "finetune_steps": 2, "prune_ratio": 0.5}
-# What each epoch reports that must not depend on an interruption (timings excepted).
+# What each epoch reports that must not depend on an interruption. Wall-clock timings are excepted:
+# epoch_seconds, and the final latency_ms, dense_latency_ms and latency_ratio (measured, so they differ
+# from run to run); where the latency was measured, and of which module, must not.
 COMPARED = ("epoch", "stage", "loss", "train_accuracy", "accuracy", "val_loss", "macs", "params")
-FINAL = ("test_accuracy", "dense_macs")
+FINAL = ("test_accuracy", "dense_macs", "latency_device", "latency_model")
 
 
 def _hparams(name: str) -> dict:
@@ -116,7 +118,6 @@ def test_resumed_trial_reports_what_the_uninterrupted_one_did(name, k, settings,
                                           f"{got[key]!r} != {want[key]!r}"
     for key in FINAL:
         assert resumed[-1][key] == full[-1][key], key
-    assert resumed[-1]["latency_model"] == full[-1]["latency_model"]
 
     # The same final model (weights and buffers), optimizer and method state, and outputs.
     a, b = _final_model(checkpoints[-1]), _final_model(resumed_checkpoints[-1])

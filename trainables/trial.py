@@ -30,7 +30,7 @@ import torch
 
 from methods import PruneContext, create_method
 from methods.base import PruningMethod
-from methods.cost import count_params, latency, profile
+from methods.cost import count_params, latencies, profile
 
 from .base_model import build_model, fetch_base_model
 from .data import make_loader
@@ -86,7 +86,10 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
     plan = _plan(settings, method)
     train_loader = make_loader(data.train, plan.finetune.batch_size, shuffle=True, seed=settings.seed)
     val_loader = make_loader(data.val, 256, shuffle=False)
-    dense_macs = profile(_reference_model(settings), input_shape).macs
+    # The unpruned architecture: its MACs now, its latency beside the pruned model's at the end. Built
+    # before the streams are seeded below, so drawing its random weights changes nothing.
+    reference = _reference_model(settings)
+    dense_macs = profile(reference, input_shape).macs
     spec_kwargs = {k: v for k, v in settings.model_kwargs.items() if k != "weights"}
     if method.from_scratch and method.hparams.get("expansion"):
         spec_kwargs["width_mult"] = spec_kwargs.get("width_mult", 1.0) * method.hparams["expansion"]
@@ -173,11 +176,12 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
                    "macs": _macs(method, model, input_shape, val_loader, pruned, dense_macs),
                    "params": count_params(model), "epoch_seconds": stats.seconds}
         if state["epoch"] == plan.total:
-            metrics.update(_final_metrics(model, method, data, input_shape, settings, device, dense_macs))
+            metrics.update(_final_metrics(model, method, data, input_shape, settings, device, dense_macs, reference))
         state["history"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         report(metrics, lambda d: _save(d, state, model, optimizer, method, pruned, spec))
     if not metrics:  # nothing left to run (resumed after the last epoch, or a zero-epoch plan)
-        metrics = {"epoch": state["epoch"], "stage": "finetune", **_final_metrics(model, method, data, input_shape, settings, device, dense_macs)}
+        metrics = {"epoch": state["epoch"], "stage": "finetune",
+                   **_final_metrics(model, method, data, input_shape, settings, device, dense_macs, reference)}
         metrics["accuracy"], _ = evaluate(model, val_loader, device=device)
         metrics["macs"] = _macs(method, model, input_shape, val_loader, pruned, dense_macs)
         metrics["params"] = count_params(model)
@@ -211,17 +215,32 @@ def _macs(method, model, input_shape, val_loader, pruned, dense_macs) -> float:
     return float(method.measure_macs(model, input_shape, val_loader))
 
 
-def _final_metrics(model, method: PruningMethod, data, input_shape, settings, device, dense_macs) -> dict[str, Any]:
-    """Test accuracy and CPU latency of the final model. The latency timed is that of
-    ``method.inference_model(model)``, what the method really runs at inference (ManiDP: the
-    skipping path, not the masked model); ``latency_model`` names the class of the module timed."""
+#: The final latency measurement: untimed warm-up passes per model, then interleaved rounds of timed
+#: passes (pruned, dense, pruned, ...): 2 x (3 + 5 x 2) forward passes in all.
+LATENCY_WARMUP, LATENCY_ROUNDS, LATENCY_REPEATS = 3, 5, 2
+
+
+def _final_metrics(model, method: PruningMethod, data, input_shape, settings, device, dense_macs,
+                   reference: torch.nn.Module) -> dict[str, Any]:
+    """Test accuracy and latency of the final model, beside the dense reference's.
+
+    The pruned model timed is ``method.inference_model(model)``, what the method really runs at
+    inference (ManiDP: the skipping path, not the masked model; ``latency_model`` names the class of
+    the module timed); the dense one is ``reference``, the unpruned architecture (its weights do not
+    matter for timing). Both run on the trial's own device (CUDA as the trials run there: channels_last,
+    bf16 autocast; else CPU), interleaved in this process (``methods.cost.latencies``), at batch
+    ``settings.latency_batch_size``. ``latency_ratio`` = pruned / dense median: comparable across
+    nodes of different speed, which the raw milliseconds are not."""
     test_accuracy, _ = evaluate(model, make_loader(data.test, 256, shuffle=False), device=device)
-    cpu_model = model.to("cpu").eval()
-    timed = method.inference_model(cpu_model)
-    lat = latency(timed, input_shape, batch_size=settings.latency_batch_size, warmup=2, repeats=5)
-    model.to(device)
-    return {"test_accuracy": test_accuracy, "latency_ms": lat.median_s * 1000.0, "latency_model": type(timed).__name__,
-            "dense_macs": float(dense_macs)}
+    model.eval()
+    timed = method.inference_model(model, batch_size=settings.latency_batch_size)
+    pruned_lat, dense_lat = latencies([timed, reference], input_shape, batch_size=settings.latency_batch_size,
+                                      warmup=LATENCY_WARMUP, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS,
+                                      device=device)
+    latency_ms, dense_latency_ms = pruned_lat.median_s * 1000.0, dense_lat.median_s * 1000.0
+    return {"test_accuracy": test_accuracy, "latency_ms": latency_ms, "dense_latency_ms": dense_latency_ms,
+            "latency_ratio": latency_ms / dense_latency_ms, "latency_device": torch.device(device).type,
+            "latency_model": type(timed).__name__, "dense_macs": float(dense_macs)}
 
 
 def _save(directory: Path, state: dict, model, optimizer, method: PruningMethod, pruned: bool, spec) -> None:
