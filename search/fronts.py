@@ -169,7 +169,8 @@ def plot_fronts(series: dict[str, Sequence[TrialPoint]], path: Path,
     ax.set_xlabel(COST_AXIS[objective])
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a sweep with no finished trial plots nothing to label
+        ax.legend(fontsize=8)
     fig.tight_layout()
     # The axes in the PNG's own text chunks too, so a reader (or a test) can tell which cost it shows.
     fig.savefig(path, dpi=120, metadata={"Title": f"validation accuracy vs {cost_label(objective)}",
