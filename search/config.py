@@ -37,7 +37,7 @@ from methods.hyperparameters import Hyperparameter
 from methods.registry import get_method_class, list_methods
 
 __all__ = ["SweepConfig", "TrainConfig", "ResourcesConfig", "load_config", "config_from_dict", "SAMPLERS",
-           "OBJECTIVES", "COST_METRICS"]
+           "OBJECTIVES", "COST_METRICS", "check_objective"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,14 @@ SAMPLERS = ("tpe", "nsga2", "random")
 #: interleaved on the trial's device at the end of the trial).
 OBJECTIVES = ("macs", "latency")
 COST_METRICS = {"macs": "macs", "latency": "latency_ratio"}
+
+
+def check_objective(objective: str) -> str:
+    """``objective`` itself if it is one of ``OBJECTIVES``; else ConfigError naming the field."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    return objective
+
 _FALLBACK_DATASETS = ("cifar10", "cifar100", "digits", "imagefolder")
 _DIR_DATASETS = ("cifar10", "cifar100", "imagefolder")
 _CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -276,8 +284,7 @@ class SweepConfig:
                                              ResourcesConfig()))
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler: unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        check_objective(self.objective)
         set_("seed", _int(self.seed, "seed", 0, 2**32 - 1))
         set_("base", _section(TrainConfig, self.base, "base", _BASE_DEFAULT))
         set_("finetune", _section(TrainConfig, self.finetune, "finetune", _FINETUNE_DEFAULT))

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from mlflow.tracking import MlflowClient
 
-from .config import COST_METRICS, OBJECTIVES
+from .config import COST_METRICS, check_objective
 from .pareto import front, hypervolume
 from .tracking import child_runs
 
@@ -34,12 +34,6 @@ COST_AXIS = {"macs": "MACs (millions, batch 1)",
 def cost_label(objective: str) -> str:
     """The cost's name in tables and messages: ``MACs`` or ``latency_ratio``."""
     return "MACs" if objective == "macs" else COST_METRICS[objective]
-
-
-def _check_objective(objective: str) -> str:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    return objective
 
 
 @dataclass(frozen=True)
@@ -67,7 +61,7 @@ class TrialPoint:
 
 def sweep_points(client: MlflowClient, parent_run_id: str, objective: str = "macs") -> list[TrialPoint]:
     """Every FINISHED trial of the sweep that reported both objectives (and its MACs), cheapest first."""
-    cost_key = COST_METRICS[_check_objective(objective)]
+    cost_key = COST_METRICS[check_objective(objective)]
     points = []
     for run in child_runs(client, parent_run_id):
         m = run.data.metrics
@@ -85,7 +79,7 @@ def reference_point(objective: str, dense_macs: float | None = None,
     """The hypervolume reference: zero accuracy and the dense model's cost. For ``macs`` that is
     ``dense_macs`` (else 1.1 x the largest MACs of ``points``, else 1); for ``latency``, a latency
     ratio of 1 (the dense model's own)."""
-    if _check_objective(objective) == "latency":
+    if check_objective(objective) == "latency":
         return (0.0, 1.0)
     if dense_macs and math.isfinite(dense_macs):
         return (0.0, float(dense_macs))
@@ -146,7 +140,7 @@ def plot_fronts(series: dict[str, Sequence[TrialPoint]], path: Path,
 
     if objective is None:
         objective = next((p.objective for pts in series.values() for p in pts), "macs")
-    _check_objective(objective)
+    check_objective(objective)
     scale = 1e-6 if objective == "macs" else 1.0
 
     def x(p: TrialPoint) -> float:
