@@ -1,7 +1,7 @@
 """Step-time overhead of the ista and csgd training phases against a plain SGD step.
 
-Same model (resnet20, 10 classes), same batch, same loop body as ``trainables.train.train_epoch``
-(forward, cross-entropy, backward, the method's hooks, optimizer step). The configurations are
+Same model (resnet20, 10 classes), same batch, and the trials' own step,
+``trainables.train.train_step`` (forward, cross-entropy, backward, the method's hooks, optimizer step). The configurations are
 measured side by side: each repeat times ``--steps`` steps of every configuration in turn (order
 rotated per repeat), and the reported overhead is the median over repeats of (method / plain).
 Goal: <= 1.15x. Also prints the method hooks' own time per step (``after_backward`` +
@@ -20,10 +20,10 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from methods import create_method
 from trainables.models import create_model
+from trainables.train import train_step
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
@@ -41,19 +41,7 @@ def make_runner(name, dense, inputs, targets):
         optimizer = method.make_optimizer(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
     def step():
-        logits = model(inputs)
-        loss = F.cross_entropy(logits, targets)
-        if method is not None:
-            extra = method.extra_loss(model, inputs, logits, targets)
-            if extra is not None:
-                loss = loss + extra
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if method is not None:
-            method.after_backward(model)
-        optimizer.step()
-        if method is not None:
-            method.after_step(model)
+        train_step(model, inputs, targets, optimizer, method=method)
 
     def hooks():
         if method is not None:

@@ -15,7 +15,7 @@ from torch import nn
 from methods.base import PruningMethod
 from methods.errors import PruneTuneError
 
-__all__ = ["EpochStats", "NonFiniteLossError", "train_epoch", "evaluate", "train_steps", "pick_device",
+__all__ = ["EpochStats", "NonFiniteLossError", "train_epoch", "train_step", "evaluate", "train_steps", "pick_device",
            "cosine_lr"]
 
 log = logging.getLogger(__name__)
@@ -63,27 +63,36 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
-            logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), targets)
-            if method is not None:
-                extra = method.extra_loss(model, inputs, logits.float(), targets)
-                if extra is not None:
-                    loss = loss + extra
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"training loss became {loss.item()} at step {steps}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if method is not None:
-            method.after_backward(model)
-        optimizer.step()
-        if method is not None:
-            method.after_step(model)
+        loss, logits = train_step(model, inputs, targets, optimizer, method=method, step=steps)
         steps += 1
         total_loss += loss.item() * targets.numel()
         correct += (logits.argmax(1) == targets).sum().item()
         seen += targets.numel()
     return EpochStats(total_loss / max(1, seen), correct / max(1, seen), time.perf_counter() - start, steps)
+
+
+def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer, *,
+               method: PruningMethod | None = None, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch already on the model's device: forward (bf16 autocast on
+    CUDA), cross-entropy plus the method's extra loss, backward, the method's hooks around the
+    optimizer step. Returns ``(loss, logits)``; raises NonFiniteLossError before the update."""
+    with _autocast(inputs.device):
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), targets)
+        if method is not None:
+            extra = method.extra_loss(model, inputs, logits.float(), targets)
+            if extra is not None:
+                loss = loss + extra
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"training loss became {loss.item()} at step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if method is not None:
+        method.after_backward(model)
+    optimizer.step()
+    if method is not None:
+        method.after_step(model)
+    return loss, logits
 
 
 @torch.no_grad()
