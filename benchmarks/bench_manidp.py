@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from methods import create_method  # noqa: E402
 from methods.cost import profile  # noqa: E402
@@ -36,20 +37,11 @@ from methods.manidp import (  # noqa: E402
 )
 from methods.manidp_gates import gate_model, named_gates, set_thresholds  # noqa: E402
 from trainables.models import create_model  # noqa: E402
+from helpers import calibrate_bn  # noqa: E402
 
 
 def calibrated(name: str, shape: tuple[int, ...], n: int = 64) -> torch.nn.Module:
-    model = create_model(name, 10, in_channels=shape[0])
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(n, *shape))
-    for m in bns:
-        m.momentum = 0.1
-    return model.eval()
+    return calibrate_bn(create_model(name, 10, in_channels=shape[0]), shape, n)
 
 
 def gated_at(dense: torch.nn.Module, eta: float, shape: tuple[int, ...], seed: int) -> torch.nn.Module:

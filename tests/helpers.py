@@ -14,3 +14,27 @@ def randomise_bn(model: nn.Module, seed: int = 1) -> nn.Module:
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model.eval()
+
+
+def prunetune_cli() -> list[str]:
+    """The command that runs the `prunetune` CLI in a subprocess (the console script if installed)."""
+    import shutil
+    import sys
+
+    exe = shutil.which("prunetune")
+    return [exe] if exe else [sys.executable, "-m", "search.cli"]
+
+
+def calibrate_bn(model: nn.Module, shape: tuple[int, ...], n: int = 32) -> nn.Module:
+    """Give a random network sane BN statistics (one train-mode pass over ``n`` random inputs,
+    cumulative average); return it in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(n, *shape))
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()

@@ -210,3 +210,22 @@ def tune_state(exp_dir: Path) -> dict[str, dict] | None:
         epoch = (meta.get("last_result") or {}).get("epoch", 0)
         trials[trial["trial_id"]] = {"status": trial["status"], "epoch": epoch}
     return trials
+
+
+def wait_mid_sweep(storage: Path, name: str, epochs: int, driver, timeout: float) -> tuple[Path, dict] | None:
+    """Wait until Tune's synced state of the sweep ``storage/<name>-*`` holds a finished trial and a
+    running one with a checkpoint (epoch 1..epochs-1); returns (sweep dir, that state), or None if
+    the driver exits or ``timeout`` seconds pass first."""
+    from search.sweep import STATE_FILE
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and driver.poll() is None:
+        dirs = glob.glob(str(Path(storage) / f"{name}-*" / STATE_FILE))
+        if dirs:
+            exp_dir = Path(dirs[0]).parent
+            snapshot = tune_state(exp_dir)
+            if snapshot and any(t["status"] == "TERMINATED" for t in snapshot.values()) and any(
+                    t["status"] == "RUNNING" and 1 <= t["epoch"] < epochs for t in snapshot.values()):
+                return exp_dir, snapshot
+        time.sleep(0.2)
+    return None

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import calibrate_bn
 
 from methods import PruneContext, SurgeryError, create_method
 from methods.cost import profile
@@ -21,20 +22,6 @@ from trainables.models import create_model
 from trainables.train import train_epoch
 
 DIGITS = (1, 8, 8)
-
-
-def _calibrate_bn(model, shape, n=32):
-    """Give a random network sane BN statistics (one train-mode pass, cumulative average)."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(n, *shape))
-    for m in bns:
-        m.momentum = 0.1
-    return model.eval()
 
 
 def _randomize_gates(model, threshold=1.0, std=0.1):
@@ -52,7 +39,7 @@ def _dense(name, shape):
     """A calibrated dense model per (name, shape), built once per session (callers copy it)."""
     if (name, shape) not in _DENSE:
         torch.manual_seed(0)
-        _DENSE[name, shape] = _calibrate_bn(create_model(name, 10, in_channels=shape[0]), shape)
+        _DENSE[name, shape] = calibrate_bn(create_model(name, 10, in_channels=shape[0]), shape)
     return _DENSE[name, shape]
 
 

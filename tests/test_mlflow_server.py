@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_SWEEP
+from loopback_cluster import free_port
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 NAME = "server-resnet20"
 START_TIMEOUT_S = 60.0
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _session_members(sid: int) -> list[str]:
@@ -70,7 +64,7 @@ def mlflow_server(tmp_path_factory):
     """`mlflow server` (SQLite backend, artifacts served from a folder) in its own session; stopped by
     its PID at the end (SIGTERM, then SIGKILL to its process group), and nothing of it may survive."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     log_path = root / "server.log"
     exe = Path(sys.executable).with_name("mlflow")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]

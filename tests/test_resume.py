@@ -11,10 +11,8 @@ import glob
 import json
 import os
 import pickle
-import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +21,8 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from loopback_cluster import tune_state
+from helpers import prunetune_cli
+from loopback_cluster import tune_state, wait_mid_sweep
 from search.fronts import DIRECTIONS
 from search.pareto import front
 from search.sweep import STATE_FILE
@@ -32,11 +31,6 @@ from search.tracking import TRIAL_TAG, child_runs
 NUM_TRIALS, FINETUNE_EPOCHS = 4, 4  # l1_norm and random have no training phase: 4 epochs a trial
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 MARK = "PRUNETUNE_TEST_DRIVER_MARK"
-
-
-def _cli() -> list[str]:
-    exe = shutil.which("prunetune")
-    return [exe] if exe else [sys.executable, "-m", "search.cli"]
 
 
 def _env(mark: str) -> dict[str, str]:
@@ -92,27 +86,19 @@ def test_killed_sweep_resumes_with_same_parent_trials_and_study(tmp_path):
                  "name=resume", f"tracking_uri={tracking_uri}", f"storage_path={storage}"]
     mark = uuid.uuid4().hex
     env = _env(mark)
-    args = _cli() + ["run", str(QUICKSTART)] + [a for o in overrides for a in ("--set", o)]
+    args = prunetune_cli() + ["run", str(QUICKSTART)] + [a for o in overrides for a in ("--set", o)]
     log_run = open(tmp_path / "run.log", "wb")
     driver = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=log_run, stderr=subprocess.STDOUT,
                               start_new_session=True)
     resume = None
     try:
         # 1. Wait until Tune's synced state has a finished trial and a running one with a checkpoint.
-        exp_dir, snapshot, deadline = None, None, time.monotonic() + 240
-        while time.monotonic() < deadline and driver.poll() is None:
-            dirs = glob.glob(str(storage / "resume-*" / STATE_FILE))
-            if dirs:
-                exp_dir = Path(dirs[0]).parent
-                snapshot = tune_state(exp_dir)
-                if snapshot and any(t["status"] == "TERMINATED" for t in snapshot.values()) and any(
-                        t["status"] == "RUNNING" and 1 <= t["epoch"] < FINETUNE_EPOCHS for t in snapshot.values()):
-                    break
-            time.sleep(0.2)
-        else:
+        found = wait_mid_sweep(storage, "resume", FINETUNE_EPOCHS, driver, timeout=240)
+        if found is None:
             log_run.flush()
             pytest.fail(f"the sweep never had a finished and a running trial at once (exit {driver.poll()}):\n"
                         + (tmp_path / "run.log").read_text()[-3000:])
+        exp_dir, snapshot = found
 
         # 2. SIGKILL the driver's whole process group: the driver and the Ray node it embedded.
         os.killpg(driver.pid, signal.SIGKILL)
@@ -141,7 +127,7 @@ def test_killed_sweep_resumes_with_same_parent_trials_and_study(tmp_path):
 
         # 3. Resume to the end.
         with open(tmp_path / "resume.log", "wb") as log_resume:
-            resume = subprocess.Popen(_cli() + ["resume", str(exp_dir)], env=env, cwd=tmp_path, stdout=log_resume,
+            resume = subprocess.Popen(prunetune_cli() + ["resume", str(exp_dir)], env=env, cwd=tmp_path, stdout=log_resume,
                                       stderr=subprocess.STDOUT, start_new_session=True)
             rc = resume.wait(timeout=420)
         output = (tmp_path / "resume.log").read_text()

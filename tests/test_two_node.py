@@ -12,10 +12,8 @@ The second test SIGKILLs a driver joined to the cluster and resumes the sweep th
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -24,7 +22,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from loopback_cluster import LoopbackCluster, live_trial_results, proc_info, trial_results, tune_state
+from helpers import prunetune_cli
+from loopback_cluster import LoopbackCluster, live_trial_results, proc_info, trial_results, tune_state, wait_mid_sweep
 from search.fronts import DIRECTIONS
 from search.pareto import front
 from search.sweep import STATE_FILE
@@ -121,11 +120,6 @@ def test_trial_survives_worker_node_death(tmp_path):
             assert steps == list(range(1, FINETUNE_EPOCHS + 1)), (run.data.tags[TRIAL_TAG], key, steps)
 
 
-def _cli() -> list[str]:
-    exe = shutil.which("prunetune")
-    return [exe] if exe else [sys.executable, "-m", "search.cli"]
-
-
 @pytest.mark.cluster
 @pytest.mark.timeout(900)
 def test_driver_killed_while_joined_to_a_cluster_resumes_there(tmp_path):
@@ -143,22 +137,14 @@ def test_driver_killed_while_joined_to_a_cluster_resumes_there(tmp_path):
                      f"address={cluster.address}", "name=clusterdriver", f"tracking_uri={tracking_uri}",
                      f"storage_path={storage}"]
         with open(tmp_path / "run.log", "wb") as log:
-            driver = cluster.spawn(_cli() + ["run", str(QUICKSTART)] + [a for o in overrides for a in ("--set", o)],
+            driver = cluster.spawn(prunetune_cli() + ["run", str(QUICKSTART)] + [a for o in overrides for a in ("--set", o)],
                                    log)
             # 1. Wait until Tune's synced state has a finished trial and a running one with a checkpoint.
-            exp_dir, snapshot, deadline = None, None, time.monotonic() + 400
-            while time.monotonic() < deadline and driver.poll() is None:
-                dirs = glob.glob(str(storage / "clusterdriver-*" / STATE_FILE))
-                if dirs:
-                    exp_dir = Path(dirs[0]).parent
-                    snapshot = tune_state(exp_dir)
-                    if snapshot and any(t["status"] == "TERMINATED" for t in snapshot.values()) and any(
-                            t["status"] == "RUNNING" and 1 <= t["epoch"] < epochs for t in snapshot.values()):
-                        break
-                time.sleep(0.2)
-            else:
+            found = wait_mid_sweep(storage, "clusterdriver", epochs, driver, timeout=400)
+            if found is None:
                 pytest.fail(f"never a finished and a running trial at once (exit {driver.poll()}):\n"
                             + (tmp_path / "run.log").read_text()[-3000:])
+            exp_dir, snapshot = found
             # 2. SIGKILL the driver (its own session: the cluster's daemons are not in it).
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait(timeout=30)
@@ -173,7 +159,7 @@ def test_driver_killed_while_joined_to_a_cluster_resumes_there(tmp_path):
 
         # 3. Resume: it joins the same cluster (the address is in the sweep's saved config).
         with open(tmp_path / "resume.log", "wb") as log:
-            resume = cluster.spawn(_cli() + ["resume", str(exp_dir)], log)
+            resume = cluster.spawn(prunetune_cli() + ["resume", str(exp_dir)], log)
             rc = resume.wait(timeout=480)
         output = (tmp_path / "resume.log").read_text()
         assert rc == 0, output[-4000:]
