@@ -30,15 +30,16 @@ def keep_count(size: int, prune_ratio: float) -> int:
 
 def plan_widths(model: nn.Module, graph: DependencyGraph, groups: Sequence[ChannelGroup], context: PruneContext,
                 hparams: Mapping[str, Any], scores: Sequence[torch.Tensor] | None = None, *,
-                owner: str = "") -> Allocation:
+                owner: str = "", normalise: bool = True) -> Allocation:
     """Widths for ``groups`` that remove ``hparams["prune_ratio"]`` of the dense MACs
     (``context.reference_macs``), by the method's ``allocation`` and ``round_to`` (defaults:
-    uniform, 1). Logs what was reached."""
+    uniform, 1); ``normalise=False`` for scores already on one scale across groups. Logs what was
+    reached."""
     macs_model = MacsModel(model, graph, groups, context.input_shape)
     target = hparams["prune_ratio"]
     result = allocate(macs_model, scores, target, reference=context.reference_macs,
                       allocation=hparams.get("allocation", "uniform"), round_to=hparams.get("round_to", 1),
-                      min_channels=MIN_CHANNELS)
+                      min_channels=MIN_CHANNELS, normalise=normalise)
     log.info("%s: %d groups (scope %s, %s, round_to %s): MACs reduction %.4f for target %.4f",
              owner or "prune", len(groups), hparams.get("scope", "internal"), hparams.get("allocation", "uniform"),
              hparams.get("round_to", 1), result.reduction, target)
