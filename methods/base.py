@@ -2,7 +2,7 @@
 
 A method is used in three steps by the trainable (``trainables/``), which owns the loop:
 
-1. ``prepare(model)`` once, then a *training phase* of ``phase_epochs`` epochs in which the loop
+1. ``prepare(model, context)`` once, then a *training phase* of ``phase_epochs`` epochs in which the loop
    calls ``make_optimizer``, ``extra_loss``, ``after_backward``, ``after_step`` and
    ``on_epoch_end`` (all do nothing special by default);
 2. ``prune(model, context)``: returns a *physically smaller* ``nn.Module`` (or, for a dynamic method,
@@ -94,8 +94,10 @@ class PruningMethod(ABC):
         return int(self.hparams.get("phase_epochs", 0))
 
     # ---- training-phase hooks (defaults: plain SGD training) -----------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Called once before the phase; may wrap or modify the model and must return it."""
+    def prepare(self, model: nn.Module, context: PruneContext | None = None) -> nn.Module:
+        """Called once before the phase; may wrap or modify the model and must return it.
+        ``context`` (input shape, device, seed, the dense MACs; no calibration yet) lets a method
+        size its phase for the MACs target (C-SGD's clusters, ISTA's rho schedule)."""
         return model
 
     def make_optimizer(self, model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:

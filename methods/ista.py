@@ -99,7 +99,7 @@ class ISTA(PruningMethod):
         self._warned = False
 
     # ---- setup ---------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, context: PruneContext | None = None) -> nn.Module:
         if self._layers is None:
             self._layers = self._find_layers(DependencyGraph(model))
             log.info("ista: penalising %d batch norms (%d rescalable)", len(self._layers),

@@ -265,7 +265,7 @@ class ManiDP(PruningMethod):
         self._gate_names: list[str] = []
 
     # ---- phase hooks ----------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, context: PruneContext | None = None) -> nn.Module:
         gate_model(model, clamp_max=self.clamp_max, squeeze_rate=self.squeeze_rate)
         self._remove_hooks()
         self._gate_names = []

@@ -102,7 +102,7 @@ class Scratch(PruningMethod):
         return self._gates
 
     # ---- the gate phase ---------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, context: PruneContext | None = None) -> nn.Module:
         self._remove_hooks()
         graph = DependencyGraph(model)
         self._gates = {}

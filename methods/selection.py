@@ -15,17 +15,12 @@ from .graph import ChannelGroup, DependencyGraph
 from .importance import Score
 from .surgery import prune_group
 
-__all__ = ["keep_count", "prune_by_scores", "prunable_bns", "plan_widths", "MIN_CHANNELS"]
+__all__ = ["prune_by_scores", "prunable_bns", "plan_widths", "MIN_CHANNELS"]
 
 log = logging.getLogger(__name__)
 
 #: No group is ever pruned below this many channels.
 MIN_CHANNELS = 1
-
-
-def keep_count(size: int, prune_ratio: float) -> int:
-    """Channels kept when ``prune_ratio`` of ``size`` are removed (at least one survives)."""
-    return max(1, min(size, int(round(size * (1.0 - prune_ratio)))))
 
 
 def plan_widths(model: nn.Module, graph: DependencyGraph, groups: Sequence[ChannelGroup], context: PruneContext,

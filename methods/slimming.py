@@ -26,7 +26,7 @@ class Slimming(PruningMethod):
         PHASE_EPOCHS, SCOPE, allocation_hp("global"), ROUND_TO,
     )
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, context: PruneContext | None = None) -> nn.Module:
         graph = DependencyGraph(model)
         self._gammas = [bn.weight for g in graph.prunable_groups(scope=self.hparams["scope"])
                         for bn in batch_norms(graph, g)]

@@ -76,19 +76,19 @@ def check_model(cfg: SweepConfig) -> None:
         field = "model_kwargs.weights" if weights and "state_dict" in first else "model"
         raise ConfigError(f"{field}: {cfg.model} does not run on {cfg.dataset} input {shape} "
                           f"(set image_size?): {first}") from None
-    check_methods_fit(cfg, model)
+    check_methods_fit(cfg, model, shape)
 
 
-def check_methods_fit(cfg: SweepConfig, model) -> None:
+def check_methods_fit(cfg: SweepConfig, model, input_shape) -> None:
     """Every selected method can attach to this architecture (e.g. ManiDP needs ResNet blocks)."""
     import copy
 
-    from methods import create_method
+    from methods import PruneContext, create_method
     from methods.errors import SurgeryError
 
     for i, name in enumerate(cfg.methods):
         try:
-            create_method(name).prepare(copy.deepcopy(model))
+            create_method(name).prepare(copy.deepcopy(model), PruneContext(tuple(input_shape)))
         except SurgeryError as exc:
             raise ConfigError(f"methods[{i}]: {name} cannot prune {cfg.model}: {exc}") from None
 

@@ -46,7 +46,7 @@ def _pruned(name, loader, ratio=0.5):
     declared = {hp.name for hp in cls.hyperparameters}
     method = create_method(name, **({"prune_ratio": ratio} if "prune_ratio" in declared else {}))
     start = create_model("resnet20", 10, in_channels=1) if method.from_scratch else copy.deepcopy(dense)
-    model = method.prepare(start)
+    model = method.prepare(start, PruneContext(INPUT))
     if method.phase_epochs:
         optimizer = method.make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
         train_epoch(model, loader, optimizer, device=torch.device("cpu"), method=method, max_steps=PHASE_STEPS)

@@ -111,7 +111,8 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
         # The method's state travels on through the fine-tune (a later checkpoint carries it too).
         method.load_state_dict(state.get("method", {}))
     else:
-        model = method.prepare(_start_model(settings, method))
+        setup = PruneContext(input_shape, device=device, seed=settings.seed, reference_macs=dense_macs)
+        model = method.prepare(_start_model(settings, method), setup)
         if resume_from is not None:
             model.load_state_dict(torch.load(Path(resume_from) / PHASE_WEIGHTS, map_location="cpu", weights_only=True))
             method.load_state_dict(state["method"])
