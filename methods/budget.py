@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .cost import _conv2d_macs, _linear_macs, profile
+from .cost import module_macs
 from .errors import ConfigError
 from .graph import ChannelGroup, DependencyGraph
 
@@ -44,19 +44,7 @@ class MacsModel:
     def __init__(self, model: nn.Module, graph: DependencyGraph, groups: Sequence[ChannelGroup],
                  input_shape: Sequence[int]):
         self.sizes = [g.size for g in groups]
-        per_module: dict[str, int] = {}
-        names = {m: n for n, m in model.named_modules()}
-
-        def hook(mod, args, out):
-            macs = _conv2d_macs(mod, out) if isinstance(mod, nn.Conv2d) else _linear_macs(mod, out)
-            per_module[names[mod]] = per_module.get(names[mod], 0) + macs
-
-        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        try:
-            self.total = profile(model, input_shape).macs
-        finally:
-            for h in handles:
-                h.remove()
+        per_module, self.total = module_macs(model, input_shape)
         reads: dict[str, int] = {}
         writes: dict[str, int] = {}
         for i, g in enumerate(groups):

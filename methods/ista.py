@@ -109,6 +109,7 @@ class ISTA(PruningMethod):
         Hyperparameter("alpha", 0.1, 0.01, 1.0, log=True, doc="gamma-W rescaling factor before the phase"),
         PHASE_EPOCHS, PRUNE_RATIO, SCOPE, ROUND_TO,
     )
+    target_from_phase = True
 
     def __init__(self, **hparams: Any):
         super().__init__(**hparams)
