@@ -5,9 +5,10 @@ which widths remove ``prune_ratio`` of the dense model's MACs? ``allocate`` answ
 over one integer, exactly (``MacsModel`` computes the MACs of any width assignment without surgery):
 
 * ``uniform``: every group loses the same fraction of its channels (Li et al.'s per-layer rule);
-* ``global``: the lowest-scored channels of ALL groups, ranked by score normalised per group (each group's
-  scores divided by their mean, as Torch-Pruning's global ranking does), is removed, so layers end
-  with uneven widths (network slimming, Pruning from Scratch).
+* ``global``: the lowest-scored channels of ALL groups are removed, so layers end with uneven
+  widths. Scores on different scales per layer (filter L1 norms grow with fan-in) are divided by
+  their group's mean first, as Torch-Pruning's global ranking does; scores already on one scale
+  (slimming's |gamma|, scratch's gates, ThiNet's relative errors) are ranked raw, as their papers do.
 
 Then, for either, each group keeps at least ``min_channels`` and a multiple of ``round_to``
 (hardware-friendly widths: CPU and GPU convolution kernels pad channel counts to 8 or 16), or all

@@ -42,14 +42,14 @@ def plan_widths(model: nn.Module, graph: DependencyGraph, groups: Sequence[Chann
 
 
 def prune_by_scores(model: nn.Module, context: PruneContext, hparams: Mapping[str, Any], score: Score, *,
-                    owner: str = "") -> nn.Module:
+                    owner: str = "", normalise: bool = True) -> nn.Module:
     """Copy ``model``; in every group in ``hparams["scope"]`` keep the highest-scoring channels, as
-    many as the MACs target allocates to it."""
+    many as the MACs target allocates to it (``normalise``: see :func:`plan_widths`)."""
     model = copy.deepcopy(model)
     graph = DependencyGraph(model)
     groups = graph.prunable_groups(scope=hparams.get("scope", "internal"))
     scores = [score(graph, g) for g in groups]
-    plan = plan_widths(model, graph, groups, context, hparams, scores, owner=owner)
+    plan = plan_widths(model, graph, groups, context, hparams, scores, owner=owner, normalise=normalise)
     for group, s, kept in zip(groups, scores, plan.kept):
         if kept < group.size:
             prune_group(graph, group, keep_top(s, kept))

@@ -39,4 +39,5 @@ class Slimming(PruningMethod):
                 gamma.grad.add_(torch.sign(gamma.detach()), alpha=s)
 
     def prune(self, model: nn.Module, context: PruneContext) -> nn.Module:
-        return prune_by_scores(model, context, self.hparams, bn_scale, owner=self.name)
+        # The paper's threshold is one percentile of the raw |gamma| (all on one scale): not normalised.
+        return prune_by_scores(model, context, self.hparams, bn_scale, owner=self.name, normalise=False)
