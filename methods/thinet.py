@@ -254,14 +254,53 @@ def greedy_scores(contrib: torch.Tensor) -> torch.Tensor:
     return scores
 
 
+#: Ridge strengths tried when there are too few samples for a plain least-squares fit, as fractions
+#: of ``trace(X^T X) / k`` (the mean squared column norm: the data's own scale). The largest shrinks
+#: ``w`` to within ~0.1 % of 1, so the choice spans "fit" to "leave alone".
+RIDGE_FRACTIONS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def _ridge_towards_one(kept: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """``w = argmin ||y - X w||^2 + lam ||w - 1||^2`` (float64). ``lam`` is a fraction of
+    ``trace(X^T X) / k`` from RIDGE_FRACTIONS, picked by exact leave-one-out error with the
+    one-standard-error rule: the strongest whose error is within one (paired) standard error of the
+    lowest, since the lowest of several noisy estimates flatters a weak ``lam``. Returns ``(w,
+    fraction, its leave-one-out error / that of w = 1)``. One SVD serves every ``lam``: with
+    ``d = w - 1`` fitting ``r = y - X 1``, the fit is ``X d = U diag(s^2 / (s^2 + lam)) U^T r``."""
+    m, k = kept.shape
+    r = y - kept.sum(1)
+    base = r.pow(2)
+    if float(base.sum()) == 0.0:
+        return torch.ones(k, dtype=torch.float64), 0.0, 1.0
+    u, s, vh = torch.linalg.svd(kept, full_matrices=False)
+    ur = u.T @ r
+    scale = float(s.pow(2).sum()) / k
+    errors = []
+    for fraction in RIDGE_FRACTIONS:
+        shrink = s.pow(2) / (s.pow(2) + fraction * scale)
+        leverage = u.pow(2) @ shrink  # the hat matrix's diagonal, < 1 for lam > 0
+        errors.append(((r - u @ (shrink * ur)) / (1 - leverage)).pow(2))
+    means = [float(e.mean()) for e in errors]
+    best = min(range(len(means)), key=means.__getitem__)
+    pick = next(j for j in range(len(means) - 1, best - 1, -1)
+                if j == best or means[j] - means[best] <= float((errors[j] - errors[best]).std()) / math.sqrt(m))
+    lam = RIDGE_FRACTIONS[pick] * scale
+    d = vh.T @ (s / (s.pow(2) + lam) * ur)
+    return 1 + d, RIDGE_FRACTIONS[pick], means[pick] / float(base.mean())
+
+
 def least_squares_scale(contrib: torch.Tensor, keep: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """ThiNet's rescaling ``w = argmin || yhat - xhat_S w ||^2`` for the kept channels (in ``keep``'s
-    order), solved in float64 on the CPU with the rank-revealing ``gelsd`` driver.
+    order), solved in float64 on the CPU.
 
-    Guards: channels that contribute nothing on the samples keep ``w = 1`` (the data say nothing
-    about them); with fewer samples than twice the kept channels the fit would chase noise, so all
-    weights stay 1; a non-finite solution, or one that does not lower the error, gives all ones.
-    The returned ``w`` therefore never increases the sampled reconstruction error.
+    With at least twice as many samples as live kept channels: plain least squares (the paper), by
+    the rank-revealing ``gelsd`` driver. With fewer, a plain fit would chase noise, so it is solved
+    regularised towards the unscaled solution, ``min ||yhat - xhat_S w||^2 + lam ||w - 1||^2``, with
+    ``lam`` chosen by leave-one-out error among fractions of the data scale (:func:`_ridge_towards_one`);
+    an under-determined fit stays well-posed and shrinks towards ``w = 1`` as far as the samples say.
+    The regime used is logged at INFO. Guards: channels that contribute nothing on the samples keep
+    ``w = 1`` (the data say nothing about them); a non-finite solution, or one that does not lower
+    the error, gives all ones. The returned ``w`` therefore never increases the sampled error.
     """
     keep_t = torch.as_tensor(keep, dtype=torch.long)
     ones = torch.ones(keep_t.numel())
@@ -270,12 +309,17 @@ def least_squares_scale(contrib: torch.Tensor, keep: Sequence[int] | torch.Tenso
     kept = x[:, keep_t]
     live = kept.abs().amax(0) > 0
     k = int(live.sum())
-    if k == 0 or m < 2 * k:
-        if k:
-            log.info("thinet: %d samples for %d kept channels; rescaling skipped", m, k)
+    if k == 0:
         return ones
-    y = x.sum(1, keepdim=True)
-    sol = torch.linalg.lstsq(kept[:, live], y, driver="gelsd").solution.flatten()
+    y = x.sum(1)
+    if m >= 2 * k:
+        sol = torch.linalg.lstsq(kept[:, live], y.view(-1, 1), driver="gelsd").solution.flatten()
+        log.info("thinet: %d samples for %d kept channels: least-squares rescaling", m, k)
+    else:
+        sol, fraction, loo = _ridge_towards_one(kept[:, live], y)
+        log.info("thinet: %d samples for %d kept channels (< 2x): ridge rescaling towards w = 1, lambda = "
+                 "%g x trace(X^T X)/k by leave-one-out (its held-out error estimate: %.4f of w = 1's)",
+                 m, k, fraction, loo)
     w = torch.ones(keep_t.numel(), dtype=torch.float64)
     w[live] = sol
     if not bool(torch.isfinite(w).all()):
