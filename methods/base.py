@@ -28,7 +28,7 @@ __all__ = ["PruningMethod", "PruneContext", "PRUNE_RATIO", "PHASE_EPOCHS", "SCOP
 
 # Shared declarations, so every method spells and ranges them the same way.
 PRUNE_RATIO = Hyperparameter("prune_ratio", 0.5, 0.05, 0.95,
-                             doc="fraction of the dense model's MACs removed (hit by bisection over the method's ranking)")
+                             doc="fraction of the dense model's MACs removed")
 PHASE_EPOCHS = Hyperparameter("phase_epochs", 2, 0, 200, kind="int", doc="epochs of the method's training phase")
 #: Which channel groups may lose channels: block-internal ones only (what the papers did on
 #: ResNets), or the residual-coupled groups too (stem, block outputs, shortcuts), scored as a group.
@@ -36,7 +36,7 @@ SCOPE = Hyperparameter("scope", "internal", choices=("internal", "all"), kind="c
                        doc="internal: block-internal channels only; all: residual-coupled groups too")
 #: How the MACs target is spread over the groups (``methods.budget``).
 ALLOCATION = Hyperparameter("allocation", "uniform", choices=("uniform", "global"), kind="categorical",
-                            doc="uniform: one ratio per group; global: one ranking over all groups (normalised scores)")
+                            doc="uniform: one ratio per group; global: one ranking over all groups")
 #: Every pruned width a multiple of this (CPU/GPU convolution kernels pad channels to 8 or 16).
 ROUND_TO = Hyperparameter("round_to", 1, choices=(1, 2, 4, 8, 16), kind="categorical",
                           doc="keep every pruned width a multiple of this")
