@@ -255,8 +255,9 @@ def greedy_scores(contrib: torch.Tensor) -> torch.Tensor:
 
 
 #: Ridge strengths tried when there are too few samples for a plain least-squares fit, as fractions
-#: of ``trace(X^T X) / k`` (the mean squared column norm: the data's own scale). The largest shrinks
-#: ``w`` to within ~0.1 % of 1, so the choice spans "fit" to "leave alone".
+#: of ``trace(X^T X) / k`` (the mean squared column norm: the data's own scale). Each direction of
+#: the fit keeps ``s^2 / (s^2 + lam)`` of itself, about ``k / (1000 m)`` at the largest (m < k
+#: samples): in effect w = 1, so the choice spans "fit" to "leave alone".
 RIDGE_FRACTIONS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 
 
