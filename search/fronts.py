@@ -1,5 +1,6 @@
 """Accuracy-versus-cost fronts from MLflow records: collect a sweep's finished trials, tag the
-non-dominated ones ``pareto=true``, and write the front as a table (CSV) and a plot (PNG).
+non-dominated ones ``pareto=true``, and write the front as a table (CSV), a plot (PNG) and an
+interactive page (HTML, ``search.front_html``) that MLflow shows inline.
 
 The cost is the sweep's ``objective`` (its config; ``macs`` for sweeps older than the field): MACs,
 or ``latency_ratio`` (the pruned model's latency over the dense model's, timed interleaved on the
@@ -102,6 +103,13 @@ def record_front(client: MlflowClient, parent_run_id: str, out_dir: Path, dense_
                            objective=objective)
     client.log_artifact(parent_run_id, str(csv_path))
     client.log_artifact(parent_run_id, str(png_path))
+    try:  # the interactive front: a plotting problem must not lose the sweep's records
+        from .front_html import HTML_NAME, sweep_figure, write_html
+
+        fig = sweep_figure(client, parent_run_id, objective, dense_macs, [p.run_id for p in best])
+        client.log_artifact(parent_run_id, str(write_html(fig, out_dir / HTML_NAME)))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not write the interactive front of sweep run %s: %s", parent_run_id, exc)
     summary = {"trials": len(points), "front_size": len(best), "hypervolume": math.nan, "objective": objective}
     if points:
         # A fixed reference makes sweeps of the same model comparable: zero accuracy, the dense cost.

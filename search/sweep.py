@@ -141,7 +141,8 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
 
         trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings),
                                         {"cpu": res.cpu, "gpu": res.gpu})
-        tracker = MLflowTrialLogger(cfg.tracking_uri, parent)
+        data = load_data(settings)
+        tracker = MLflowTrialLogger(cfg.tracking_uri, parent, _input_example(data))
         tune_path, tune_storage = _tune_location(exp_dir)
         if restore and not tune.Tuner.can_restore(tune_path, **tune_storage):
             log.warning("%s holds no Tune state yet (the driver stopped before Tune started): starting Tune afresh",
@@ -170,7 +171,7 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
             )
         tuner.fit()
         failed = sum(1 for r in child_runs(client, parent) if r.info.status == "FAILED")
-        dense_macs = profile(build_model(settings), tuple(load_data(settings).input_shape)).macs
+        dense_macs = profile(build_model(settings), tuple(data.input_shape)).macs
         summary = _record_front(client, parent, exp_dir, dense_macs, cfg.objective)
         client.set_terminated(parent, status="FINISHED")
         log.info("sweep done: %d finished, %d failed; front of %d, hypervolume %.4g",
@@ -183,6 +184,14 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
     finally:
         if started:
             ray.shutdown()
+
+
+def _input_example(data, n: int = 4):
+    """A few test images (numpy, batch > 1 so an exported program keeps a dynamic batch): the input
+    example of every trial's MLflow model."""
+    import torch
+
+    return torch.stack([data.test[i][0] for i in range(min(n, len(data.test)))]).numpy()
 
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
