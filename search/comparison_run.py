@@ -57,9 +57,10 @@ def overlay_figure(series: Sequence, reference: tuple[float, float]) -> dict:
     specs = [SeriesSpec(s.label, _series_records(s, cache), [p.run_id for p in s.front], by_method=False)
              for s in series]
     ref_cost = f"{reference[1]:,.0f} MACs" if objective == "macs" else f"latency ratio {reference[1]:g}"
-    hv = "; ".join(f"{s.label} {s.hypervolume:.4g}" for s in series)
-    return figure(specs, objective, f"fronts compared; hypervolume (reference accuracy {reference[0]:g}, "
-                                    f"{ref_cost}): {hv}")
+    hv = " · ".join(f"{s.label} {s.hypervolume:.4g}" for s in series)
+    cost = "MACs" if objective == "macs" else "latency ratio"
+    return figure(specs, objective, f"fronts compared: validation accuracy vs {cost}<br><sup>hypervolume "
+                                    f"(reference: accuracy {reference[0]:g}, {ref_cost}): {hv}</sup>")
 
 
 def write_front_table(series: Sequence, reference: tuple[float, float], path: Path) -> Path:

@@ -155,11 +155,16 @@ def _series_traces(s: SeriesSpec, objective: str, colour: str, method_colours: d
     by_id = {t.run_id: t for t in s.trials}
     best = [by_id[r] for r in s.front if r in by_id]
     if best:
-        traces.append({"type": "scatter", "mode": "lines", "name": f"{s.label} front", "meta": {**meta, "role": "front"},
+        line_colour = FADED_COLOUR if s.faded else colour
+        # The step line, and a ring around each front point (so a one-point front shows too).
+        traces.append({"type": "scatter", "mode": "lines+markers", "name": f"{s.label} front",
+                       "meta": {**meta, "role": "front"},
                        "x": [_x(t.cost(objective), objective) for t in best], "y": [t.accuracy for t in best],
-                       "customdata": [t.run_id for t in best], "line": {"shape": "hv", "width": 1.5 if s.faded else 2.5,
-                       "color": FADED_COLOUR if s.faded else colour}, "opacity": 0.5 if s.faded else 1.0,
-                       "hoverinfo": "skip"})
+                       "customdata": [t.run_id for t in best],
+                       "line": {"shape": "hv", "width": 1.5 if s.faded else 2.5, "color": line_colour},
+                       "marker": {"symbol": "circle-open", "size": 12 if s.faded else 18, "color": line_colour,
+                                  "line": {"width": 2}},
+                       "opacity": 0.5 if s.faded else 1.0, "hoverinfo": "skip"})
     apart = [t for t in s.trials if t.status != "finished"]
     if apart and not s.faded:
         # No accuracy or cost recorded: drawn on the x axis (accuracy 0) at its cost, else at the dense cost.
@@ -200,8 +205,9 @@ def figure(series: Sequence[SeriesSpec], objective: str, title: str) -> dict:
                            "hoverinfo": "text"})
     layout = {"title": {"text": title}, "xaxis": {"title": {"text": COST_AXIS[objective]}},
               "yaxis": {"title": {"text": "validation accuracy"}}, "hovermode": "closest",
-              "legend": {"orientation": "v"}, "template": "plotly_white", "height": 620,
-              "margin": {"l": 70, "r": 30, "t": 60, "b": 60}}
+              "legend": {"orientation": "h", "yanchor": "top", "y": -0.18, "xanchor": "left", "x": 0},
+              "template": "plotly_white", "height": 540, "margin": {"l": 60, "r": 20, "t": 50, "b": 40},
+              "title_font": {"size": 14}}
     return {"data": traces, "layout": layout}
 
 

@@ -53,20 +53,21 @@ def tracking_uri(uri: str) -> Iterator[None]:
 
 
 def log_pt2_model(client: MlflowClient, run_id: str, model, example, metrics: Mapping[str, float] | None = None,
-                  registered_model_name: str | None = None, validate: bool = True, step: int = 0):
+                  registered_model_name: str | None = None, validate: bool = True, step: int = 0,
+                  name: str = MODEL_NAME):
     """Log ``model`` (eval mode) as run ``run_id``'s pt2 model; return ``(ModelInfo, seconds)``.
 
     The LoggedModel is created in the run's experiment first (``log_model`` alone would put it in
-    MLflow's *active* experiment); the finite ``metrics`` among ``MODEL_METRICS`` are logged on it at
+    MLflow's *active* experiment), named ``name`` (a trial's: its run name); the finite ``metrics`` among ``MODEL_METRICS`` are logged on it at
     ``step`` (the trial's last epoch: the run's latest values stay the trial's own)."""
     import mlflow.pytorch
 
     exp_id = client.get_run(run_id).info.experiment_id
     with tracking_uri(client.tracking_uri):
         t0 = time.perf_counter()
-        logged = client.create_logged_model(exp_id, name=MODEL_NAME, source_run_id=run_id)
+        logged = client.create_logged_model(exp_id, name=name, source_run_id=run_id)
         info = mlflow.pytorch.log_model(
-            model.eval(), name=MODEL_NAME, run_id=run_id, model_id=logged.model_id,
+            model.eval(), name=name, run_id=run_id, model_id=logged.model_id,
             serialization_format="pt2",  # torch.export program; `export_model=True` is its deprecated spelling
             input_example=example, pip_requirements=pip_requirements(),
             registered_model_name=registered_model_name, validate_serving_input=validate)
@@ -83,5 +84,5 @@ def trial_model_id(client: MlflowClient, run_id: str) -> str | None:
     """The id of the READY pt2 LoggedModel that run ``run_id`` logged (the newest), or None."""
     exp_id = client.get_run(run_id).info.experiment_id
     found = client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}'", max_results=50)
-    ready = [m for m in found if str(m.status).upper().endswith("READY") and m.name == MODEL_NAME]
+    ready = [m for m in found if str(m.status).upper().endswith("READY")]
     return max(ready, key=lambda m: m.creation_timestamp).model_id if ready else None

@@ -225,9 +225,10 @@ class MLflowTrialLogger(Callback):
             if (local / "model").is_dir():
                 self.client.log_artifacts(run_id, str(local / "model"), "model")
                 if self.example is not None:
-                    self._log_mlflow_model(local / "model", run_id, trial.last_result or {})
+                    self._log_mlflow_model(local / "model", run_id, trial.last_result or {},
+                                           f"{trial.config.get('method', '?')}-{trial.trial_id}")
 
-    def _log_mlflow_model(self, directory: Path, run_id: str, result: dict) -> None:
+    def _log_mlflow_model(self, directory: Path, run_id: str, result: dict, name: str) -> None:
         from trainables.model_io import load_model
 
         from .mlflow_model import log_pt2_model
@@ -235,7 +236,7 @@ class MLflowTrialLogger(Callback):
         model, _ = load_model(directory)
         # validate=False: loading the program back to run the example again costs ~2 s a trial
         info, seconds = log_pt2_model(self.client, run_id, model, self.example, result, validate=False,
-                                      step=int(result.get("epoch", 0)))
+                                      step=int(result.get("epoch", 0)), name=name)
         log.info("trial run %s: pt2 model %s logged in %.1fs", run_id, info.model_id, seconds)
 
 

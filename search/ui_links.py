@@ -11,6 +11,8 @@ from urllib.parse import quote
 __all__ = ["ui_base", "ui_command", "artifact_url", "run_url", "runs_view_url", "front_runs_url", "look_at_it", "LOCAL_UI"]
 
 LOCAL_UI = "http://127.0.0.1:5000"
+#: Opens the UI in its "Model training" mode (MLflow 3 otherwise opens an experiment in GenAI mode).
+TRAINING = "workflowType=machine_learning"
 
 
 def ui_base(tracking_uri: str) -> str:
@@ -27,20 +29,25 @@ def ui_command(tracking_uri: str) -> str | None:
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1"
 
 
-def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+def _run_path(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    return f"{_run_path(tracking_uri, experiment_id, run_id)}?{TRAINING}"
 
 
 def artifact_url(tracking_uri: str, experiment_id: str, run_id: str, path: str) -> str:
     """The run's artifact ``path`` opened in the run's Artifacts tab (HTML is rendered inline)."""
-    return f"{run_url(tracking_uri, experiment_id, run_id)}/artifacts/{quote(path)}"
+    return f"{_run_path(tracking_uri, experiment_id, run_id)}/artifacts/{quote(path)}?{TRAINING}"
 
 
 def runs_view_url(tracking_uri: str, experiment_id: str, search_filter: str, order_by: str | None = None,
                   ascending: bool = True) -> str:
     """The experiment's training-runs table, filtered (MLflow search syntax) and sorted by ``order_by``
     (e.g. ``metrics.`macs```)."""
-    url = f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs?searchFilter={quote(search_filter, safe='')}"
+    url = (f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs?{TRAINING}"
+           f"&searchFilter={quote(search_filter, safe='')}")
     if order_by:
         url += f"&orderByKey={quote(order_by, safe='')}&orderByAsc={'true' if ascending else 'false'}"
     return url

@@ -70,7 +70,10 @@ def test_promotion_registers_version_moves_alias_and_tags_it(tiny_sweep, promote
     assert run.data.tags["prunetune.source_run_id"] == best.info.run_id
     assert run.info.experiment_id == best.info.experiment_id
     assert promoted.promotion_run_id not in {r.info.run_id for r in child_runs(client, result.parent_run_id)}
-    assert mv.run_id == promoted.promotion_run_id
+    # The registered version is the trial's own pt2 model: its source run is the trial, tagged with it.
+    assert mv.run_id == best.info.run_id
+    assert client.get_run(best.info.run_id).data.tags["promoted_to"] == f"{NAME}/{promoted.version}"
+    assert client.get_logged_model(promoted.logged_model_id).source_run_id == best.info.run_id
     # pt2 (torch.export) format: an exported program, no pickled module.
     assert mv.source == f"models:/{promoted.logged_model_id}"
     files = _model_files(client, promoted.logged_model_id)
