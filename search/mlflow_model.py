@@ -1,6 +1,7 @@
 """A pruned model as an MLflow model: ``mlflow.pytorch.log_model`` in the pickle-free ``pt2`` format
 (``torch.export``: no prunetune class is needed to load it), with an input example and explicit
-``pip_requirements``, as a LoggedModel of the run's own experiment that carries the trial's metrics.
+``pip_requirements``, as a LoggedModel of the run's own experiment that carries the trial's metrics
+(as its parameters).
 
 Used by the driver for every finished trial (so the UI's Register button works on any trial) and by
 ``prunetune promote`` for trials recorded before that. Only the driver writes to MLflow.
@@ -14,14 +15,13 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Mapping
 
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 __all__ = ["pip_requirements", "tracking_uri", "log_pt2_model", "trial_model_id", "MODEL_METRICS", "MODEL_NAME"]
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "model"
-#: The trial metrics its LoggedModel carries (those the trial recorded).
+#: The trial metrics its LoggedModel carries as parameters (those the trial recorded).
 MODEL_METRICS = ("accuracy", "test_accuracy", "macs", "params", "latency_ms", "dense_latency_ms", "latency_ratio")
 
 
@@ -52,31 +52,32 @@ def tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
+def _model_params(metrics: Mapping[str, float] | None) -> dict[str, str]:
+    return {k: f"{float(metrics[k]):.6g}" for k in MODEL_METRICS
+            if isinstance((metrics or {}).get(k), (int, float)) and math.isfinite(float(metrics[k]))}
+
+
 def log_pt2_model(client: MlflowClient, run_id: str, model, example, metrics: Mapping[str, float] | None = None,
-                  registered_model_name: str | None = None, validate: bool = True, step: int = 0,
-                  name: str = MODEL_NAME):
+                  registered_model_name: str | None = None, validate: bool = True, name: str = MODEL_NAME):
     """Log ``model`` (eval mode) as run ``run_id``'s pt2 model; return ``(ModelInfo, seconds)``.
 
     The LoggedModel is created in the run's experiment first (``log_model`` alone would put it in
-    MLflow's *active* experiment), named ``name`` (a trial's: its run name); the finite ``metrics`` among ``MODEL_METRICS`` are logged on it at
-    ``step`` (the trial's last epoch: the run's latest values stay the trial's own)."""
+    MLflow's *active* experiment), named ``name`` (a trial's: its run name), with the finite
+    ``metrics`` among ``MODEL_METRICS`` as its parameters. Not as its metrics: MLflow stores a
+    model's metrics as extra rows of its run's metric history, and a trial's history holds each
+    epoch once."""
     import mlflow.pytorch
 
     exp_id = client.get_run(run_id).info.experiment_id
     with tracking_uri(client.tracking_uri):
         t0 = time.perf_counter()
-        logged = client.create_logged_model(exp_id, name=name, source_run_id=run_id)
+        logged = client.create_logged_model(exp_id, name=name, source_run_id=run_id, params=_model_params(metrics))
         info = mlflow.pytorch.log_model(
             model.eval(), name=name, run_id=run_id, model_id=logged.model_id,
             serialization_format="pt2",  # torch.export program; `export_model=True` is its deprecated spelling
             input_example=example, pip_requirements=pip_requirements(),
             registered_model_name=registered_model_name, validate_serving_input=validate)
         seconds = time.perf_counter() - t0
-    now = int(time.time() * 1000)
-    values = [Metric(k, float(metrics[k]), now, step, model_id=info.model_id) for k in MODEL_METRICS
-              if isinstance((metrics or {}).get(k), (int, float)) and math.isfinite(float(metrics[k]))]
-    if values:
-        client.log_batch(run_id, metrics=values)
     return info, seconds
 
 

@@ -235,8 +235,7 @@ class MLflowTrialLogger(Callback):
 
         model, _ = load_model(directory)
         # validate=False: loading the program back to run the example again costs ~2 s a trial
-        info, seconds = log_pt2_model(self.client, run_id, model, self.example, result, validate=False,
-                                      step=int(result.get("epoch", 0)), name=name)
+        info, seconds = log_pt2_model(self.client, run_id, model, self.example, result, validate=False, name=name)
         log.info("trial run %s: pt2 model %s logged in %.1fs", run_id, info.model_id, seconds)
 
 

@@ -108,8 +108,10 @@ def _m(acc, macs, **kw):
     return {"accuracy": acc, "test_accuracy": acc - 0.01, "macs": macs, "latency_ratio": macs / DENSE_MACS, **kw}
 
 
-@pytest.fixture
-def store(tmp_path):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store (creating one costs ~10 s of migrations) with three sweeps of one experiment."""
+    tmp_path = tmp_path_factory.mktemp("front-html")
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp_id = client.create_experiment("html", artifact_location=(tmp_path / "art").as_uri())
     first = _sweep(client, exp_id, "sweep-1", 1_000, [("l1_norm", "FINISHED", _m(0.70, 6e6)),

@@ -96,12 +96,30 @@ class Steps:
             self.driver.switch_to.window(new.pop())
             _set_viewport(self.driver)
 
+    def click_when(self, find, what: str) -> None:
+        """Click what ``find`` returns once it is there (found again if the page re-rendered it)."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def clicked(d):
+            element = find(d)
+            if element is None:
+                return False
+            try:
+                self.click(element)
+            except StaleElementReferenceException:
+                self.clicks -= 1
+                return False
+            return True
+
+        self.wait(clicked, what)
+
     def wait(self, condition, what: str):
-        from selenium.common.exceptions import TimeoutException
+        from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
         from selenium.webdriver.support.ui import WebDriverWait
 
-        try:
-            return WebDriverWait(self.driver, WAIT_S, poll_frequency=0.5).until(lambda d: condition(d))
+        try:  # an element the UI re-rendered while we looked: look again
+            return WebDriverWait(self.driver, WAIT_S, poll_frequency=0.5,
+                                 ignored_exceptions=(StaleElementReferenceException,)).until(lambda d: condition(d))
         except TimeoutException:
             self.shot(f"timeout-{re.sub(r'[^a-z0-9]+', '-', what.lower())}")
             raise AssertionError(f"the UI never showed {what} within {WAIT_S}s (screenshot in {self.out})") from None
@@ -253,9 +271,9 @@ def test_front_trials_in_the_runs_table_cheapest_first(tiny_sweep, ui_server, st
     assert sorted(shown) == sorted(names), "the table must list exactly the front's trials"
     macs = {r.info.run_name: r.data.metrics["macs"] for r in tagged}
     assert [macs[n] for n in shown] == sorted(macs.values()), "cheapest first"
-    # Each row links its trial's logged model too: the Register button is one click away.
-    models = {a.text.strip() for a in steps.driver.find_elements(By.CSS_SELECTOR, "a[href*='/models/m-']")}
-    assert set(names) <= models
+    # Each row links its trial's logged model too (the Models column, filled in after the rows).
+    steps.wait(lambda d: set(names) <= {a.text.strip() for a in d.find_elements(By.CSS_SELECTOR, "a[href*='/models/m-']")},
+               "each front trial's model in the runs table")
     steps.shot("runs")
 
 
@@ -272,13 +290,15 @@ def test_trial_model_has_a_register_button(tiny_sweep, ui_server, steps):
     model = client.search_logged_models([trial.info.experiment_id],
                                         filter_string=f"source_run_id = '{trial.info.run_id}'")[0]
     assert model.name == trial.info.run_name
-    assert {m.key for m in model.metrics} >= {"accuracy", "test_accuracy", "macs", "latency_ratio"}
+    for key in ("accuracy", "test_accuracy", "macs", "latency_ratio"):  # the LoggedModel carries them
+        assert float(model.params[key]) == pytest.approx(trial.data.metrics[key], rel=1e-5), key
 
     steps.open(run_url(ui_server.uri, trial.info.experiment_id, trial.info.run_id))
-    link = steps.wait(lambda d: next((a for a in d.find_elements(By.CSS_SELECTOR, f"a[href*='{model.model_id}']")
-                                      if a.is_displayed()), None), "the trial's logged model")
+    steps.wait(lambda d: any(a.is_displayed() for a in d.find_elements(By.CSS_SELECTOR, f"a[href*='{model.model_id}']")),
+               "the trial's logged model")
     steps.shot("trial")
-    steps.click(link)
+    steps.click_when(lambda d: next((a for a in d.find_elements(By.CSS_SELECTOR, f"a[href*='{model.model_id}']")
+                                     if a.is_displayed()), None), "the link to the trial's logged model")
     steps.wait(lambda d: next((b for b in d.find_elements(By.TAG_NAME, "button")
                                if b.text.strip() == "Register model" and b.is_displayed()), None),
                "the Register model button")
