@@ -14,7 +14,7 @@ Methods that start from random weights instead of the shared dense model set ``f
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
@@ -23,11 +23,28 @@ from torch import nn
 from .errors import ConfigError
 from .hyperparameters import Hyperparameter
 
-__all__ = ["PruningMethod", "PruneContext", "PRUNE_RATIO", "PHASE_EPOCHS"]
+__all__ = ["PruningMethod", "PruneContext", "PRUNE_RATIO", "PHASE_EPOCHS", "SCOPE", "ALLOCATION", "ROUND_TO",
+           "allocation_hp"]
 
 # Shared declarations, so every method spells and ranges them the same way.
-PRUNE_RATIO = Hyperparameter("prune_ratio", 0.5, 0.05, 0.95, doc="fraction of prunable channels removed")
+PRUNE_RATIO = Hyperparameter("prune_ratio", 0.5, 0.05, 0.95,
+                             doc="fraction of the dense model's MACs removed (hit by bisection over the method's ranking)")
 PHASE_EPOCHS = Hyperparameter("phase_epochs", 2, 0, 200, kind="int", doc="epochs of the method's training phase")
+#: Which channel groups may lose channels: block-internal ones only (what the papers did on
+#: ResNets), or the residual-coupled groups too (stem, block outputs, shortcuts), scored as a group.
+SCOPE = Hyperparameter("scope", "internal", choices=("internal", "all"), kind="categorical",
+                       doc="internal: block-internal channels only; all: residual-coupled groups too")
+#: How the MACs target is spread over the groups (``methods.budget``).
+ALLOCATION = Hyperparameter("allocation", "uniform", choices=("uniform", "global"), kind="categorical",
+                            doc="uniform: one ratio per group; global: one ranking over all groups (normalised scores)")
+#: Every pruned width a multiple of this (CPU/GPU convolution kernels pad channels to 8 or 16).
+ROUND_TO = Hyperparameter("round_to", 1, choices=(1, 2, 4, 8, 16), kind="categorical",
+                          doc="keep every pruned width a multiple of this")
+
+
+def allocation_hp(default: str) -> Hyperparameter:
+    """``ALLOCATION`` with the paper's own default (slimming and scratch rank globally)."""
+    return replace(ALLOCATION, default=default)
 
 
 @dataclass
@@ -44,8 +61,8 @@ class PruneContext:
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
     finetune: Callable[[nn.Module, int], None] | None = None
     seed: int = 0
-    #: MACs of the original, unexpanded dense model (targets such as Pruning from Scratch's
-    #: MACs reduction are measured against it); None means "the model being pruned".
+    #: MACs of the original, unexpanded dense model: every ``prune_ratio`` (a fraction of MACs
+    #: removed) is measured against it; None means "the model being pruned".
     reference_macs: int | None = None
 
 

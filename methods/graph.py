@@ -231,7 +231,13 @@ class DependencyGraph:
                 return g
         raise KeyError(f"no channel group is produced by {producer!r}")
 
-    def prunable_groups(self, *, include_residual: bool = False) -> list[ChannelGroup]:
+    def prunable_groups(self, *, include_residual: bool = False, scope: str | None = None) -> list[ChannelGroup]:
+        """Groups that may lose channels: the block-internal ones, or with ``include_residual`` (or
+        ``scope="all"``) every prunable group, residual-coupled ones included."""
+        if scope is not None:
+            if scope not in ("internal", "all"):
+                raise SurgeryError(f"scope: expected internal or all, got {scope!r}")
+            include_residual = scope == "all"
         return [g for g in self.groups if g.prunable and (include_residual or g.internal)]
 
     def bn_of(self, group: ChannelGroup) -> nn.BatchNorm2d | None:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import PRUNE_RATIO, PruneContext, PruningMethod
+from .base import PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod, allocation_hp
+from .importance import l1_filter
 from .registry import register_method
 from .selection import prune_by_scores
 
@@ -12,11 +13,8 @@ __all__ = ["L1Norm"]
 
 @register_method("l1_norm")
 class L1Norm(PruningMethod):
-    hyperparameters = (PRUNE_RATIO,)  # no training phase
+    # No training phase. The paper prunes each layer by its own ratio (uniform).
+    hyperparameters = (PRUNE_RATIO, SCOPE, allocation_hp("uniform"), ROUND_TO)
 
     def prune(self, model: nn.Module, context: PruneContext) -> nn.Module:
-        def l1(graph, group):
-            conv = graph.model.get_submodule(group.producers[0])
-            return conv.weight.abs().flatten(1).sum(1)
-
-        return prune_by_scores(model, self.hparams["prune_ratio"], l1)
+        return prune_by_scores(model, context, self.hparams, l1_filter, owner=self.name)

@@ -1,11 +1,13 @@
-"""Random channel pruning at the same per-layer ratio: the baseline a search must beat
-("Rethinking the Value of Network Pruning", Liu et al., ICLR 2019)."""
+"""Random channel pruning: the baseline a search must beat ("Rethinking the Value of Network
+Pruning", Liu et al., ICLR 2019). Random scores, the same MACs target, scope, allocation and
+rounding as the other methods."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .base import PRUNE_RATIO, PruneContext, PruningMethod
+from .base import PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod, allocation_hp
+from .importance import random_scores
 from .registry import register_method
 from .selection import prune_by_scores
 
@@ -14,12 +16,8 @@ __all__ = ["RandomPrune"]
 
 @register_method("random")
 class RandomPrune(PruningMethod):
-    hyperparameters = (PRUNE_RATIO,)  # no training phase
+    hyperparameters = (PRUNE_RATIO, SCOPE, allocation_hp("uniform"), ROUND_TO)  # no training phase
 
     def prune(self, model: nn.Module, context: PruneContext) -> nn.Module:
         generator = torch.Generator().manual_seed(context.seed)
-
-        def random_scores(graph, group):
-            return torch.rand(group.size, generator=generator)
-
-        return prune_by_scores(model, self.hparams["prune_ratio"], random_scores)
+        return prune_by_scores(model, context, self.hparams, random_scores(generator), owner=self.name)

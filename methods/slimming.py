@@ -1,18 +1,19 @@
 """Network slimming (Liu et al., ICCV 2017): L1 on batch-norm gammas during training
-(``gamma.grad += s * sign(gamma)``), then prune at one global |gamma| percentile."""
+(``gamma.grad += s * sign(gamma)``), then prune at one global |gamma| ranking (``allocation:
+global``, the paper's) down to the MACs target. With ``scope: all`` the batch norms of
+residual-coupled groups are penalised too and a group's channel is scored by the sum of its
+gammas over the group."""
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import nn
 
-from .base import PHASE_EPOCHS, PRUNE_RATIO, PruneContext, PruningMethod
+from .base import PHASE_EPOCHS, PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod, allocation_hp
 from .graph import DependencyGraph
 from .hyperparameters import Hyperparameter
+from .importance import batch_norms, bn_scale
 from .registry import register_method
-from .selection import prunable_bns
-from .surgery import prune_group
+from .selection import prune_by_scores
 
 __all__ = ["Slimming"]
 
@@ -22,11 +23,13 @@ class Slimming(PruningMethod):
     hyperparameters = (
         PRUNE_RATIO,
         Hyperparameter("s", 1e-4, 1e-5, 1e-3, log=True, doc="L1 strength on batch-norm gammas"),
-        PHASE_EPOCHS,
+        PHASE_EPOCHS, SCOPE, allocation_hp("global"), ROUND_TO,
     )
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        self._gammas = [bn.weight for _, bn in prunable_bns(DependencyGraph(model))]
+        graph = DependencyGraph(model)
+        self._gammas = [bn.weight for g in graph.prunable_groups(scope=self.hparams["scope"])
+                        for bn in batch_norms(graph, g)]
         return model
 
     def after_backward(self, model: nn.Module) -> None:
@@ -36,20 +39,4 @@ class Slimming(PruningMethod):
                 gamma.grad.add_(torch.sign(gamma.detach()), alpha=s)
 
     def prune(self, model: nn.Module, context: PruneContext) -> nn.Module:
-        model = copy.deepcopy(model)
-        graph = DependencyGraph(model)
-        pairs = prunable_bns(graph)
-        gammas = [bn.weight.detach().abs() for _, bn in pairs]
-        # One global ranking; a stable sort breaks ties (e.g. untouched gammas of 1) by position.
-        order = torch.cat(gammas).argsort(stable=True)
-        n_prune = int(round(order.numel() * self.hparams["prune_ratio"]))
-        pruned = torch.zeros(order.numel(), dtype=torch.bool)
-        pruned[order[:n_prune]] = True
-        offset = 0
-        for (group, _), g in zip(pairs, gammas):
-            keep = (~pruned[offset : offset + g.numel()]).nonzero().flatten()
-            offset += g.numel()
-            if keep.numel() == 0:  # never empty a layer: keep its strongest channel
-                keep = g.argmax().view(1)
-            prune_group(graph, group, keep)
-        return model
+        return prune_by_scores(model, context, self.hparams, bn_scale, owner=self.name)
