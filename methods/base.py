@@ -2,7 +2,7 @@
 
 A method is used in three steps by the trainable (``trainables/``), which owns the loop:
 
-1. ``prepare(model)`` once, then a *training phase* of ``phase_epochs`` epochs in which the loop
+1. ``prepare(model, context)`` once, then a *training phase* of ``phase_epochs`` epochs in which the loop
    calls ``make_optimizer``, ``extra_loss``, ``after_backward``, ``after_step`` and
    ``on_epoch_end`` (all do nothing special by default);
 2. ``prune(model, context)``: returns a *physically smaller* ``nn.Module`` (or, for a dynamic method,
@@ -28,7 +28,7 @@ __all__ = ["PruningMethod", "PruneContext", "PRUNE_RATIO", "PHASE_EPOCHS", "SCOP
 
 # Shared declarations, so every method spells and ranges them the same way.
 PRUNE_RATIO = Hyperparameter("prune_ratio", 0.5, 0.05, 0.95,
-                             doc="fraction of the dense model's MACs removed (hit by bisection over the method's ranking)")
+                             doc="fraction of the dense model's MACs removed")
 PHASE_EPOCHS = Hyperparameter("phase_epochs", 2, 0, 200, kind="int", doc="epochs of the method's training phase")
 #: Which channel groups may lose channels: block-internal ones only (what the papers did on
 #: ResNets), or the residual-coupled groups too (stem, block outputs, shortcuts), scored as a group.
@@ -36,7 +36,7 @@ SCOPE = Hyperparameter("scope", "internal", choices=("internal", "all"), kind="c
                        doc="internal: block-internal channels only; all: residual-coupled groups too")
 #: How the MACs target is spread over the groups (``methods.budget``).
 ALLOCATION = Hyperparameter("allocation", "uniform", choices=("uniform", "global"), kind="categorical",
-                            doc="uniform: one ratio per group; global: one ranking over all groups (normalised scores)")
+                            doc="uniform: one ratio per group; global: one ranking over all groups")
 #: Every pruned width a multiple of this (CPU/GPU convolution kernels pad channels to 8 or 16).
 ROUND_TO = Hyperparameter("round_to", 1, choices=(1, 2, 4, 8, 16), kind="categorical",
                           doc="keep every pruned width a multiple of this")
@@ -75,6 +75,9 @@ class PruningMethod(ABC):
     from_scratch: ClassVar[bool] = False
     #: The pruned model keeps all weights and skips channels per input (cost is an average).
     dynamic: ClassVar[bool] = False
+    #: The training phase, not the cut, reaches ``prune_ratio`` (ISTA removes only what its phase
+    #: zeroed); a phase too short to get there prunes less.
+    target_from_phase: ClassVar[bool] = False
 
     def __init__(self, **hparams: Any):
         declared = {hp.name: hp for hp in self.hyperparameters}
@@ -94,8 +97,10 @@ class PruningMethod(ABC):
         return int(self.hparams.get("phase_epochs", 0))
 
     # ---- training-phase hooks (defaults: plain SGD training) -----------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Called once before the phase; may wrap or modify the model and must return it."""
+    def prepare(self, model: nn.Module, context: PruneContext | None = None) -> nn.Module:
+        """Called once before the phase; may wrap or modify the model and must return it.
+        ``context`` (input shape, device, seed, the dense MACs; no calibration yet) lets a method
+        size its phase for the MACs target (C-SGD's clusters, ISTA's rho schedule)."""
         return model
 
     def make_optimizer(self, model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:

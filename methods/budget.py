@@ -2,18 +2,18 @@
 
 Every static method ends with the same question: given per-channel scores for each prunable group,
 which widths remove ``prune_ratio`` of the dense model's MACs? ``allocate`` answers it by bisection
-over one scalar, exactly (``MacsModel`` computes the MACs of any width assignment without surgery):
+over one integer, exactly (``MacsModel`` computes the MACs of any width assignment without surgery):
 
-* ``uniform``: every group loses the same fraction ``t`` of its channels (Li et al.'s per-layer rule);
-* ``global``: the ``t``-quantile of ALL channels, ranked by score normalised per group (each group's
-  scores divided by their mean, as Torch-Pruning's global ranking does), is removed, so layers end
-  with uneven widths (network slimming, Pruning from Scratch).
+* ``uniform``: every group loses the same fraction of its channels (Li et al.'s per-layer rule);
+* ``global``: the lowest-scored channels of ALL groups are removed, so layers end with uneven
+  widths. Scores on different scales per layer (filter L1 norms grow with fan-in) are divided by
+  their group's mean first, as Torch-Pruning's global ranking does; scores already on one scale
+  (slimming's |gamma|, scratch's gates, ThiNet's relative errors) are ranked raw, as their papers do.
 
 Then, for either, each group keeps at least ``min_channels`` and a multiple of ``round_to``
 (hardware-friendly widths: CPU and GPU convolution kernels pad channel counts to 8 or 16), or all
-its channels when it is narrower than ``round_to``. The widths are monotone in ``t``, so the smallest
-``t`` reaching the target is found in ~40 MACs evaluations; it and the closest point below are
-compared and the nearer one wins.
+its channels when it is narrower than ``round_to``. The widths are monotone in the bisection
+parameter, so the target is found in about log2(channels) MACs evaluations.
 """
 from __future__ import annotations
 
@@ -24,14 +24,13 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .cost import _conv2d_macs, _linear_macs, profile
+from .cost import module_macs
 from .errors import ConfigError
 from .graph import ChannelGroup, DependencyGraph
 
 __all__ = ["MacsModel", "Allocation", "allocate", "keep_top", "round_width", "ALLOCATIONS"]
 
 ALLOCATIONS = ("uniform", "global")
-_BISECTION_STEPS = 40
 
 
 class MacsModel:
@@ -46,19 +45,7 @@ class MacsModel:
     def __init__(self, model: nn.Module, graph: DependencyGraph, groups: Sequence[ChannelGroup],
                  input_shape: Sequence[int]):
         self.sizes = [g.size for g in groups]
-        per_module: dict[str, int] = {}
-        names = {m: n for n, m in model.named_modules()}
-
-        def hook(mod, args, out):
-            macs = _conv2d_macs(mod, out) if isinstance(mod, nn.Conv2d) else _linear_macs(mod, out)
-            per_module[names[mod]] = per_module.get(names[mod], 0) + macs
-
-        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        try:
-            self.total = profile(model, input_shape).macs
-        finally:
-            for h in handles:
-                h.remove()
+        per_module, self.total = module_macs(model, input_shape)
         reads: dict[str, int] = {}
         writes: dict[str, int] = {}
         for i, g in enumerate(groups):
@@ -99,75 +86,79 @@ def round_width(kept: int, size: int, *, round_to: int = 1, min_channels: int = 
 
 @dataclass
 class Allocation:
-    """The widths ``allocate`` chose: ``kept[i]`` channels of group i; the MACs reduction they give
-    (``1 - macs / reference``) and the bisection parameter ``t``."""
+    """The widths ``allocate`` chose: ``kept[i]`` channels of group i, the MACs reduction they give
+    (``1 - macs / reference``), the bisection point ``n`` (channels the ranking removed before
+    rounding and the minimum-width guard) and the number of MACs evaluations it took."""
 
     kept: list[int]
     reduction: float
-    t: float
+    n: int
     evaluations: int
 
 
 def allocate(macs_model: MacsModel, scores: Sequence[torch.Tensor] | None, target: float, *,
              reference: float | None = None, allocation: str = "uniform", round_to: int = 1,
-             min_channels: int = 1) -> Allocation:
+             min_channels: int = 1, normalise: bool = True) -> Allocation:
     """Widths per group whose MACs reduction against ``reference`` (default: the model's own MACs)
-    is as close to ``target`` as the allocation rule allows. ``scores`` (one tensor per group) are
-    needed for ``global`` only."""
+    is as close to ``target`` as the allocation rule allows.
+
+    The rule is a function of one integer ``n`` in ``[0, N]`` (N = all channels of the groups):
+    ``global`` removes the ``n`` lowest-scored channels over all groups (``scores``, one tensor per
+    group, divided by their group's mean unless ``normalise`` is False); ``uniform`` removes the
+    fraction ``n / N`` of every group. The reduction never decreases with ``n``, so the smallest
+    ``n`` reaching the target is found in ceil(log2(N + 1)) evaluations; it and ``n - 1`` are
+    compared and the closer one is returned."""
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"allocation: expected one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     reference = float(reference or macs_model.total)
     sizes = macs_model.sizes
+    total = sum(sizes)
     if allocation == "global":
         if scores is None:
             raise ConfigError("allocation 'global' needs channel scores")
-        widths_at = _global_widths(scores, sizes)
+        widths_at = _global_widths(scores, sizes, normalise)
     else:
-        def widths_at(t: float) -> list[int]:
-            return [int(round(s * (1.0 - t))) for s in sizes]
+        def widths_at(n: int) -> list[int]:
+            return [int(round(s * (1.0 - n / total))) for s in sizes]
 
     evaluations = 0
 
-    def kept_at(t: float) -> list[int]:
-        return [round_width(k, s, round_to=round_to, min_channels=min_channels) for k, s in zip(widths_at(t), sizes)]
-
-    def reduction(kept: list[int]) -> float:
+    def reduction(n: int) -> float:
         nonlocal evaluations
         evaluations += 1
-        return 1.0 - macs_model.macs(kept) / reference
+        return 1.0 - macs_model.macs(kept_at(n)) / reference
 
-    lo, hi = 0.0, 1.0
-    if reduction(kept_at(hi)) < target:  # the target is out of reach: the most the rule can do
-        kept = kept_at(hi)
-        return Allocation(kept, reduction(kept), hi, evaluations)
-    for _ in range(_BISECTION_STEPS):
-        mid = (lo + hi) / 2
-        if reduction(kept_at(mid)) >= target:
+    def kept_at(n: int) -> list[int]:
+        return [round_width(k, s, round_to=round_to, min_channels=min_channels) for k, s in zip(widths_at(n), sizes)]
+
+    lo, hi = 0, total  # the answer lies in [lo, hi]; reduction(hi) may still miss the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reduction(mid) >= target:
             hi = mid
         else:
-            lo = mid
-    above, below = kept_at(hi), kept_at(lo)
-    r_above, r_below = reduction(above), reduction(below)
-    if abs(r_below - target) < abs(r_above - target):
-        return Allocation(below, r_below, lo, evaluations)
-    return Allocation(above, r_above, hi, evaluations)
+            lo = mid + 1
+    best, best_reduction = lo, reduction(lo)
+    if lo > 0:
+        below = reduction(lo - 1)
+        if abs(below - target) < abs(best_reduction - target):
+            best, best_reduction = lo - 1, below
+    return Allocation(kept_at(best), best_reduction, best, evaluations)
 
 
-def _global_widths(scores: Sequence[torch.Tensor], sizes: Sequence[int]) -> Callable[[float], list[int]]:
-    """``t -> widths`` when the lowest ``t`` fraction of all channels (scores normalised per group by
-    their mean; ties broken by position) is removed."""
+def _global_widths(scores: Sequence[torch.Tensor], sizes: Sequence[int], normalise: bool) -> Callable[[int], list[int]]:
+    """``n -> widths`` when the ``n`` lowest-scored channels of all groups are removed (scores
+    normalised per group by their mean; ties broken by position)."""
     normalised = []
     for s in scores:
         s = s.detach().double().flatten().cpu()
         mean = float(s.abs().mean())
-        normalised.append(s / mean if mean > 0 else s)
+        normalised.append(s / mean if normalise and mean > 0 else s)
     flat = torch.cat(normalised)
     owner = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
     order = owner[flat.argsort(stable=True)]  # group of each channel, from least to most important
-    total = flat.numel()
 
-    def widths(t: float) -> list[int]:
-        n = min(total, int(math.floor(t * total + 1e-9)))
+    def widths(n: int) -> list[int]:
         removed = torch.bincount(order[:n], minlength=len(sizes))
         return [s - int(r) for s, r in zip(sizes, removed.tolist())]
 

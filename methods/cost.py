@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Cost", "count_macs", "LatencyResult", "profile", "latency", "latencies", "count_params"]
+__all__ = ["Cost", "count_macs", "LatencyResult", "profile", "latency", "latencies", "count_params", "module_macs"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,24 @@ def count_macs(model: nn.Module, batches: Iterable[torch.Tensor]) -> tuple[int, 
         for h in handles:
             h.remove()
     return int(total), seen
+
+
+def module_macs(model: nn.Module, input_shape: Sequence[int]) -> tuple[dict[str, int], int]:
+    """(MACs of each Conv2d and Linear by module name, the model's total MACs) at batch 1."""
+    per_module: dict[str, int] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(mod, args, out):
+        macs = _conv2d_macs(mod, out) if isinstance(mod, nn.Conv2d) else _linear_macs(mod, out)
+        per_module[names[mod]] = per_module.get(names[mod], 0) + macs
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        total = profile(model, input_shape).macs
+    finally:
+        for h in handles:
+            h.remove()
+    return per_module, total
 
 
 def profile(model: nn.Module, input_shape: Sequence[int]) -> Cost:

@@ -5,10 +5,11 @@ Instead of choosing which filters to drop, C-SGD makes filters *identical* durin
 so that merging them afterwards loses nothing:
 
 1. clustering (once, in ``prepare``): every prunable channel group of ``n`` channels is split into
-   ``n' = keep_count(n, prune_ratio)`` clusters, by a small seeded k-means on the flattened kernels
-   (``clustering="kmeans"``) or evenly by index (``"even"``). A residual group (all convs whose
-   outputs are added through the same shortcut, ``include_residual=True``) gets ONE clustering, from
-   the concatenation of all its producers' kernels;
+   ``n'`` clusters, by a small seeded k-means on the flattened kernels (``clustering="kmeans"``) or
+   evenly by index (``"even"``). ``n'`` is the same fraction of every group (``methods.budget``,
+   uniform allocation, ``round_to``), chosen so the merged model removes ``prune_ratio`` of the
+   dense MACs. A residual group (all convs whose outputs are added through the same shortcut,
+   ``scope: all``) gets ONE clustering, from the concatenation of all its producers' kernels;
 2. the centripetal update (``after_backward``), for every clustered parameter row ``j`` (conv or linear
    kernel, conv bias, and the BN gamma/beta following the producer) in cluster ``H``::
 
@@ -42,12 +43,13 @@ import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .base import PHASE_EPOCHS, PRUNE_RATIO, PruneContext, PruningMethod
+from .base import PHASE_EPOCHS, PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod
+from .errors import PruneTuneError
 from .graph import ChannelGroup, DependencyGraph
 from .hyperparameters import Hyperparameter
 from .layers import ChannelPadShortcut
 from .registry import register_method
-from .selection import keep_count
+from .selection import plan_widths
 from .surgery import group_size, prune_group
 
 __all__ = ["CSGD", "kmeans"]
@@ -128,9 +130,7 @@ class CSGD(PruningMethod):
         Hyperparameter("epsilon", 0.05, 1e-4, 1e-1, log=True, doc="centripetal strength"),
         Hyperparameter("clustering", "kmeans", choices=("kmeans", "even"), kind="categorical",
                        doc="how each layer's filters are split into clusters"),
-        Hyperparameter("include_residual", False, choices=(False, True), kind="categorical",
-                       doc="also merge residual-coupled widths (one clustering per residual group)"),
-        PHASE_EPOCHS,
+        PHASE_EPOCHS, SCOPE, ROUND_TO,
     )
 
     def __init__(self, **hparams: Any):
@@ -141,22 +141,26 @@ class CSGD(PruningMethod):
         self._update: _Centripetal | None = None
 
     # ---- setup ---------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, context: PruneContext | None = None) -> nn.Module:
         if self._clusterings is None:
-            self._clusterings = self.compute_clusterings(model)
+            self._clusterings = self.compute_clusterings(model, context)
         return model
 
     @torch.no_grad()
-    def compute_clusterings(self, model: nn.Module) -> list[_Clustering]:
+    def compute_clusterings(self, model: nn.Module, context: PruneContext | None) -> list[_Clustering]:
         """One clustering per prunable group that loses channels, in graph order."""
+        if context is None:
+            raise PruneTuneError("csgd: prepare(model, context) needs the input shape to size its clusters "
+                                 "for the MACs target")
         graph = DependencyGraph(model)
-        ratio = self.hparams["prune_ratio"]
+        groups = graph.prunable_groups(scope=self.hparams["scope"])
+        plan = plan_widths(model, graph, groups, context, self.hparams, owner=self.name)
         out: list[_Clustering] = []
         by_group: dict[int, list[list[int]]] = {}
-        for index, group in enumerate(graph.prunable_groups(include_residual=self.hparams["include_residual"])):
+        for index, (group, kept) in enumerate(zip(groups, plan.kept)):
             n = group_size(graph, group)
             classes = _shortcut_classes(graph, group, n, by_group)
-            k = max(keep_count(n, ratio), len(classes))
+            k = max(kept, len(classes))
             if k >= n:
                 continue
             features = _kernel_features(graph.model, group, n)
@@ -187,7 +191,7 @@ class CSGD(PruningMethod):
     def _entries(self, model: nn.Module) -> list[tuple[nn.Parameter, list[list[int]], bool]]:
         """(parameter, its clusters, is a BN vector) for every clustered parameter of ``model``."""
         if self._clusterings is None:
-            self._clusterings = self.compute_clusterings(model)
+            raise PruneTuneError("csgd: no clusters yet; call prepare(model, context) first")
         out = []
         for c in self._clusterings:
             for name in c.producers + c.followers:
@@ -246,7 +250,7 @@ class CSGD(PruningMethod):
     # ---- the cut -------------------------------------------------------------------------------
     @torch.no_grad()
     def prune(self, model: nn.Module, context: PruneContext) -> nn.Module:
-        clusterings = self._clusterings if self._clusterings is not None else self.compute_clusterings(model)
+        clusterings = self._clusterings if self._clusterings is not None else self.compute_clusterings(model, context)
         model = copy.deepcopy(model)
         graph = DependencyGraph(model)
         for c in clusterings:  # graph order: a stage's group is merged before the stage that copies it

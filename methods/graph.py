@@ -240,6 +240,16 @@ class DependencyGraph:
             include_residual = scope == "all"
         return [g for g in self.groups if g.prunable and (include_residual or g.internal)]
 
+    def batch_norm_names(self, group: ChannelGroup) -> list[str]:
+        """The affine batch norms that normalise the group's channels (one per conv producer of a
+        residual group), in graph order."""
+        out = []
+        for name in group.followers:
+            m = self.model.get_submodule(name)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                out.append(name)
+        return out
+
     def bn_of(self, group: ChannelGroup) -> nn.BatchNorm2d | None:
         """The batch norm right after the group's (single) producer, if any."""
         name = self.next_module.get(group.producers[0])

@@ -28,8 +28,7 @@ def _weighted_producers(graph: DependencyGraph, group: ChannelGroup) -> list[nn.
 
 def batch_norms(graph: DependencyGraph, group: ChannelGroup) -> list[nn.modules.batchnorm._BatchNorm]:
     """The affine batch norms that normalise the group's channels (one per weighted producer)."""
-    mods = (graph.model.get_submodule(n) for n in group.followers)
-    return [m for m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+    return [graph.model.get_submodule(n) for n in graph.batch_norm_names(group)]
 
 
 @torch.no_grad()

@@ -18,11 +18,26 @@ that reads it. The training phase makes gammas exactly zero:
    homogeneous (ReLU, pooling, flatten). ``prune`` undoes it on its copy before the surgery, so
    the pruned model computes the function of the un-rescaled model.
 
-Which channels: the block-internal groups (``DependencyGraph.prunable_groups()``) whose producer
-feeds a batch norm: in a basic-block ResNet each block's first conv (as the official code);
-residual widths stay. The input shape is not known to ``prepare``: ``extra_loss`` records it from the
-first training batch and the first ``after_step`` measures the layers' output sizes with one
-batch-1 forward before it applies the first ISTA step.
+Which channels (``scope``): ``internal`` (the official code's), the block-internal groups whose
+producer feeds a batch norm: in a basic-block ResNet each block's first conv; residual widths stay.
+``all`` adds the residual-coupled groups: their batch norms (one per conv summed into the group) are
+penalised JOINTLY, by the group soft threshold ``v_c <- v_c * max(0, 1 - t / ||v_c||_2)`` on each
+channel's vector of gammas over the group's batch norms (the scalar rule when the group has one),
+so a channel dies in every batch norm of the group at once. Residual groups are not rescaled by
+alpha (the shortcut carries the unscaled signal).
+
+How much (``prune_ratio``, the fraction of the dense MACs removed): the paper's recipe step 4.
+After every step the MACs the zero gammas would remove are computed exactly
+(``methods.budget.MacsModel``); while they fall short of the target and have not grown over the
+last ``RHO_WINDOW`` steps, rho doubles (at most ``RHO_MAX_SCALE`` times the searched rho); once the
+target is reached the penalty stops and the zero set is held (those gammas stay exactly zero).
+The cut removes the zero-gamma channels only, so it stays exact; ``round_to`` keeps some zero
+channels where a multiple needs them, never removes a live one. A phase too short to reach the
+target is logged with the reduction it reached.
+
+The input shape comes from ``prepare``'s context (else ``extra_loss`` records it from the first
+training batch); the first ``after_step`` measures the layers' output sizes with one batch-1
+forward before it applies the first ISTA step.
 
 Surgery: channels with ``gamma == 0`` are removed and the constant each one feeds its consumers (read
 off a batch-1 forward of the un-rescaled copy, so any elementwise activation is handled) is folded
@@ -43,12 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .base import PHASE_EPOCHS, PruneContext, PruningMethod
+from .base import PHASE_EPOCHS, PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod
+from .budget import MacsModel, keep_top, round_width
 from .graph import DependencyGraph
 from .hyperparameters import Hyperparameter
 from .layers import ChannelPadShortcut
 from .registry import register_method
-from .selection import prunable_bns
 from .surgery import prune_group
 
 __all__ = ["ISTA"]
@@ -67,14 +82,23 @@ _HOMOGENEOUS_FUNCTIONS = {
 _HOMOGENEOUS_METHODS = {"relu", "relu_", "flatten", "view", "reshape", "contiguous", "clone", "mean"}
 
 
+#: Steps without growth of the zero-gamma MACs reduction before rho doubles, and the cap on that growth.
+RHO_WINDOW, RHO_MAX_SCALE = 20, 64.0
+
+
 @dataclass
 class _Layer:
-    """One penalised batch norm and what surrounds it (module names in the model)."""
+    """One penalised channel group and what surrounds it (module names in the model): ``bn`` names
+    the layer (its first batch norm), ``bns`` every batch norm of the group (one for an internal
+    group), ``pads`` the option-A shortcuts among its producers."""
 
     bn: str
     producer: str
     consumers: list[str]
     rescalable: bool
+    bns: list[str]
+    producers: list[str]
+    pads: list[str]
 
 
 @register_method("ista")
@@ -83,8 +107,9 @@ class ISTA(PruningMethod):
         Hyperparameter("mu", 0.1, 1e-3, 0.2, log=True, doc="SGD learning rate of the phase (no momentum)"),
         Hyperparameter("rho", 5e-3, 1e-4, 1e-2, log=True, doc="global L1 penalty on batch-norm gammas"),
         Hyperparameter("alpha", 0.1, 0.01, 1.0, log=True, doc="gamma-W rescaling factor before the phase"),
-        PHASE_EPOCHS,
+        PHASE_EPOCHS, PRUNE_RATIO, SCOPE, ROUND_TO,
     )
+    target_from_phase = True
 
     def __init__(self, **hparams: Any):
         super().__init__(**hparams)
@@ -97,11 +122,24 @@ class ISTA(PruningMethod):
         self._bound: list[tuple[nn.Parameter, float]] = []
         self._bound_lambdas: dict[str, float] | None = None
         self._warned = False
+        # The MACs target (recipe step 4): rho's current multiplier, the reduction at the last
+        # window, steps taken, the held zero set (None until the target is reached).
+        self._reference: float | None = None
+        self._rho_scale = 1.0
+        self._last_reduction = 0.0
+        self._steps = 0
+        self._held: dict[str, list[torch.Tensor]] | None = None
+        self._macs: MacsModel | None = None
+        self._macs_model_of: nn.Module | None = None
 
     # ---- setup ---------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, context: PruneContext | None = None) -> nn.Module:
+        if context is not None:
+            self._input_shape = tuple(context.input_shape)
+            if context.reference_macs and self._reference is None:
+                self._reference = float(context.reference_macs)
         if self._layers is None:
-            self._layers = self._find_layers(DependencyGraph(model))
+            self._layers = self._find_layers(DependencyGraph(model), self.hparams["scope"])
             log.info("ista: penalising %d batch norms (%d rescalable)", len(self._layers),
                      sum(layer.rescalable for layer in self._layers))
         if self._applied_alpha is None:  # not already carried by the model (e.g. state loaded first)
@@ -109,14 +147,18 @@ class ISTA(PruningMethod):
         return model
 
     @staticmethod
-    def _find_layers(graph: DependencyGraph) -> list[_Layer]:
+    def _find_layers(graph: DependencyGraph, scope: str = "internal") -> list[_Layer]:
         layers = []
-        for group, bn_module in prunable_bns(graph):
-            if bn_module.weight is None:  # affine=False: no gamma to drive to zero
+        for group in graph.prunable_groups(scope=scope):
+            bns = graph.batch_norm_names(group)  # affine=False batch norms have no gamma to drive to zero
+            if not bns:
                 continue
-            bn = graph.next_module[group.producers[0]]
             consumers = [name for name, _ in group.consumers]
-            layers.append(_Layer(bn, group.producers[0], consumers, _homogeneous_path(graph, bn, consumers)))
+            pads = [p for p in group.producers if isinstance(graph.model.get_submodule(p), ChannelPadShortcut)]
+            weighted = [p for p in group.producers if p not in pads]
+            # A residual group is not rescaled: the shortcut carries the unscaled signal into the add.
+            rescalable = len(bns) == 1 and not pads and _homogeneous_path(graph, bns[0], consumers)
+            layers.append(_Layer(bns[0], weighted[0], consumers, rescalable, bns, weighted, pads))
         return layers
 
     def apply_rescaling(self, model: nn.Module) -> None:
@@ -150,7 +192,7 @@ class ISTA(PruningMethod):
     def make_optimizer(self, model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
         """SGD with ``lr = mu`` and no momentum (the loop's ``lr`` and ``momentum`` are replaced);
         the penalised gammas get no weight decay, every other parameter keeps ``weight_decay``."""
-        gammas = [g for g, _ in self._bind(model)]
+        gammas = [g for gs, _ in self._bind(model) for g in gs]
         ids = {id(g) for g in gammas}
         others = [p for p in model.parameters() if id(p) not in ids]
         if lr != self.hparams["mu"] or momentum:
@@ -178,33 +220,91 @@ class ISTA(PruningMethod):
                 log.warning("ista: input shape unknown (extra_loss was not called); uniform lambda_l = 1")
                 self._warned = True
         bound = self._bind(model)
+        if self._held is not None:  # target reached: no penalty, the zero set stays zero
+            for (gammas, _), layer in zip(bound, self._layers):
+                for g, mask in zip(gammas, self._held[layer.bn]):
+                    g.masked_fill_(mask.to(g.device), 0.0)
+            return
         # The step's actual learning rate (make_optimizer puts the gammas in the last group), so a
         # schedule the loop applies is followed; mu when the loop brought its own optimizer.
         lr = self._optimizer.param_groups[-1]["lr"] if self._optimizer is not None else self.hparams["mu"]
-        step = lr * self.hparams["rho"]
-        for gamma, lam in bound:
+        step = lr * self.hparams["rho"] * self._rho_scale
+        for gammas, lam in bound:
             t = step * lam
-            # sign(g) * max(|g| - t, 0) == g - clamp(g, -t, t); exactly 0 where |g| <= t.
-            gamma.sub_(gamma.clamp(-t, t))
+            if len(gammas) == 1:
+                # sign(g) * max(|g| - t, 0) == g - clamp(g, -t, t); exactly 0 where |g| <= t.
+                gammas[0].sub_(gammas[0].clamp(-t, t))
+            else:  # group soft threshold on each channel's vector of gammas over the group
+                norm = torch.sqrt(sum(g * g for g in gammas))
+                factor = torch.where(norm > t, 1.0 - t / norm.clamp(min=t), torch.zeros_like(norm))
+                for g in gammas:
+                    g.mul_(factor)
+        self._steps += 1
+        self._follow_target(model)
+
+    def _follow_target(self, model: nn.Module) -> None:
+        """Recipe step 4: hold the zero set once its MACs reduction reaches ``prune_ratio``; double
+        rho when it has not grown over the last ``RHO_WINDOW`` steps."""
+        reduction = self.zero_reduction(model)
+        if reduction is None:
+            return
+        if reduction >= self.hparams["prune_ratio"]:
+            self._held = {layer.bn: [g.detach() == 0 for g in gammas]
+                          for (gammas, _), layer in zip(self._bind(model), self._layers)}
+            log.info("ista: MACs reduction %.4f reached the target %.4f after %d steps (rho x%g); holding",
+                     reduction, self.hparams["prune_ratio"], self._steps, self._rho_scale)
+        elif self._steps % RHO_WINDOW == 0:
+            if reduction <= self._last_reduction + 1e-3 and self._rho_scale < RHO_MAX_SCALE:
+                self._rho_scale *= 2.0
+                log.info("ista: MACs reduction %.4f stalled below %.4f; rho x%g", reduction,
+                         self.hparams["prune_ratio"], self._rho_scale)
+            self._last_reduction = reduction
+
+    @torch.no_grad()
+    def zero_reduction(self, model: nn.Module) -> float | None:
+        """The dense-MACs fraction the current zero set would remove (None: input shape unknown)."""
+        if self._input_shape is None:
+            return None
+        if self._macs is None or self._macs_model_of is not model:
+            graph = DependencyGraph(model)
+            self._macs = MacsModel(model, graph, [graph.group_of(layer.producer) for layer in self._layers],
+                                   self._input_shape)
+            self._macs_model_of = model
+            if self._reference is None:
+                self._reference = float(self._macs.total)
+        kept = [max(1, int(self._zero_mask(gammas).logical_not().sum())) for gammas, _ in self._bind(model)]
+        return 1.0 - self._macs.macs(kept) / self._reference
+
+    @staticmethod
+    def _zero_mask(gammas: list[torch.Tensor]) -> torch.Tensor:
+        mask = gammas[0].detach() == 0
+        for g in gammas[1:]:
+            mask &= g.detach() == 0
+        return mask
 
     def on_epoch_end(self, model: nn.Module, epoch: int, mean_loss: float) -> None:
-        log.info("ista: epoch %d: loss %.4f, %.1f%% of penalised gammas are exactly zero",
-                 epoch, mean_loss, 100.0 * self.zero_fraction(model))
+        reduction = self.zero_reduction(model)
+        log.info("ista: epoch %d: loss %.4f, %.1f%% of penalised gammas are exactly zero, MACs reduction %s "
+                 "(target %.4f)", epoch, mean_loss, 100.0 * self.zero_fraction(model),
+                 "?" if reduction is None else f"{reduction:.4f}", self.hparams["prune_ratio"])
 
-    def _bind(self, model: nn.Module) -> list[tuple[nn.Parameter, float]]:
-        """(gamma, lambda_l) of every penalised BN of ``model`` (lambda_l = 1 until known)."""
+    def _bind(self, model: nn.Module) -> list[tuple[list[nn.Parameter], float]]:
+        """(the gammas of the layer's batch norms, lambda_l) of every penalised layer of ``model``
+        (lambda_l = 1 until known)."""
         if self._layers is None:
-            self._layers = self._find_layers(DependencyGraph(model))
+            self._layers = self._find_layers(DependencyGraph(model), self.hparams["scope"])
         if self._bound_model is not model or self._bound_lambdas is not self._lambdas:
             lambdas = self._lambdas or {}
-            self._bound = [(model.get_submodule(layer.bn).weight, lambdas.get(layer.bn, 1.0)) for layer in self._layers]
+            self._bound = [([model.get_submodule(bn).weight for bn in layer.bns], lambdas.get(layer.bn, 1.0))
+                           for layer in self._layers]
             self._bound_model, self._bound_lambdas = model, self._lambdas
         return self._bound
 
     @torch.no_grad()
     def layer_cost_weights(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
-        """lambda_l per penalised BN: ``(out_h*out_w + k*k*c_in + sum_consumers k'*k'*c_out') /
-        (in_h*in_w)``, from one batch-1 forward of zeros (eval mode, each module's flag restored)."""
+        """lambda_l per penalised layer: ``(out_h*out_w + k*k*c_in + sum_consumers k'*k'*c_out') /
+        (in_h*in_w)``, summed over the producers of a residual group, from one batch-1 forward of
+        zeros (eval mode, each module's flag restored)."""
         layers = self._layers or []
         sizes: dict[str, int] = {}
 
@@ -213,7 +313,8 @@ class ISTA(PruningMethod):
                 sizes[name] = int(output.shape[-2] * output.shape[-1]) if output.dim() == 4 else 1
             return record
 
-        handles = [model.get_submodule(layer.producer).register_forward_hook(hook(layer.producer)) for layer in layers]
+        producers = {p for layer in layers for p in layer.producers}
+        handles = [model.get_submodule(p).register_forward_hook(hook(p)) for p in producers]
         modes = [(m, m.training) for m in model.modules()]
         param = next(model.parameters())
         try:
@@ -227,16 +328,16 @@ class ISTA(PruningMethod):
         in_hw = int(input_shape[-2] * input_shape[-1]) if len(input_shape) >= 2 else 1
         lambdas = {}
         for layer in layers:
-            producer = model.get_submodule(layer.producer)
-            fan_in = producer.weight[0].numel()  # k*k*c_in
+            own = sum(sizes.get(p, 1) + model.get_submodule(p).weight[0].numel() for p in layer.producers)  # out_hw + k*k*c_in
+            channels = model.get_submodule(layer.bn).num_features
             fan_out = 0
             for name in layer.consumers:
                 m = model.get_submodule(name)
                 if isinstance(m, nn.Conv2d):
                     fan_out += m.weight.numel() // m.in_channels  # k'*k'*c_out'
                 elif isinstance(m, nn.Linear):
-                    fan_out += m.weight.numel() // producer.weight.shape[0]  # features per channel * outputs
-            lambdas[layer.bn] = (sizes.get(layer.producer, 1) + fan_in + fan_out) / in_hw
+                    fan_out += m.weight.numel() // channels  # features per channel * outputs
+            lambdas[layer.bn] = (own + fan_out) / in_hw
         log.info("ista: lambda_l from input %s: %s", tuple(input_shape),
                  ", ".join(f"{k}={v:.3g}" for k, v in lambdas.items()))
         return lambdas
@@ -248,27 +349,37 @@ class ISTA(PruningMethod):
             "applied_alpha": self._applied_alpha,
             "lambdas": None if self._lambdas is None else dict(self._lambdas),
             "input_shape": None if self._input_shape is None else list(self._input_shape),
+            "reference": self._reference, "rho_scale": self._rho_scale, "last_reduction": self._last_reduction,
+            "steps": self._steps,
+            "held": None if self._held is None else {k: [m.cpu() for m in v] for k, v in self._held.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         layers = state.get("layers")
-        self._layers = None if layers is None else [_Layer(l["bn"], l["producer"], list(l["consumers"]), bool(l["rescalable"]))
-                                                    for l in layers]
+        self._layers = None if layers is None else [
+            _Layer(l["bn"], l["producer"], list(l["consumers"]), bool(l["rescalable"]), list(l["bns"]),
+                   list(l["producers"]), list(l["pads"])) for l in layers]
         self._applied_alpha = state.get("applied_alpha")
         lambdas = state.get("lambdas")
         self._lambdas = None if lambdas is None else {str(k): float(v) for k, v in lambdas.items()}
         shape = state.get("input_shape")
         self._input_shape = None if shape is None else tuple(int(s) for s in shape)
+        self._reference = state.get("reference")
+        self._rho_scale = float(state.get("rho_scale", 1.0))
+        self._last_reduction = float(state.get("last_reduction", 0.0))
+        self._steps = int(state.get("steps", 0))
+        held = state.get("held")
+        self._held = None if held is None else {str(k): list(v) for k, v in held.items()}
         self._bound_model, self._bound, self._bound_lambdas = None, [], None
+        self._macs, self._macs_model_of = None, None
 
     # ---- the cut -------------------------------------------------------------------------------
     def zero_fraction(self, model: nn.Module) -> float:
-        """Fraction of penalised gammas that are exactly zero."""
-        gammas = [model.get_submodule(layer.bn).weight.detach() for layer in self._layers or []]
-        if not gammas:
+        """Fraction of penalised channels whose gammas are all exactly zero."""
+        masks = [self._zero_mask([model.get_submodule(bn).weight for bn in layer.bns]) for layer in self._layers or []]
+        if not masks:
             return 0.0
-        flat = torch.cat(gammas)
-        return float((flat == 0).float().mean())
+        return float(torch.cat(masks).float().mean())
 
     def unscaled_copy(self, model: nn.Module) -> nn.Module:
         """A deep copy of ``model`` with the rescaling undone: the "masked" model the surgery must
@@ -281,25 +392,33 @@ class ISTA(PruningMethod):
     def prune(self, model: nn.Module, context: PruneContext) -> nn.Module:
         model = self.unscaled_copy(model)
         graph = DependencyGraph(model)
-        layers = self._layers if self._layers is not None else self._find_layers(graph)
+        layers = self._layers if self._layers is not None else self._find_layers(graph, self.hparams["scope"])
         constants = _consumer_constants(model, layers, context)
         removed_total, total = 0, 0
         for layer in layers:
             group = graph.group_of(layer.producer)
-            gamma = model.get_submodule(layer.bn).weight.detach()
-            total += gamma.numel()
-            const, is_constant = constants[layer.bn]
-            removable = (gamma == 0) & is_constant
-            if any(isinstance(model.get_submodule(c), ChannelPadShortcut) for c in layer.consumers):
-                removable &= const == 0  # a shortcut cannot absorb a constant
-            if not removable.any():
+            gammas = [model.get_submodule(bn).weight.detach() for bn in layer.bns]
+            total += gammas[0].numel()
+            removable = self._zero_mask(gammas)
+            for pad in layer.pads:  # a channel the shortcut fills from data is not constant
+                removable &= model.get_submodule(pad).source.to(removable.device) < 0
+            per_consumer = {}
+            for name, (value, is_constant) in constants[layer.bn].items():
+                removable &= is_constant
+                if isinstance(model.get_submodule(name), ChannelPadShortcut):
+                    removable &= value == 0  # a shortcut cannot absorb a constant
+                per_consumer[name] = value
+            kept = round_width(int((~removable).sum()), group.size, round_to=self.hparams["round_to"])
+            if kept >= group.size:
                 continue
-            if removable.all():  # never empty a group: keep the largest |gamma|
-                removable[gamma.abs().argmax()] = False
-            keep = (~removable).nonzero().flatten()
-            prune_group(graph, group, keep, constants=const)
-            removed_total += int(removable.sum())
-        log.info("ista: removed %d of %d penalised channels", removed_total, total)
+            # Every live channel is kept (round_to only rounds up), then zeros by position.
+            norm = torch.sqrt(sum(g.float() ** 2 for g in gammas))
+            score = torch.where(removable, torch.full_like(norm, -1.0), norm)
+            prune_group(graph, group, keep_top(score, kept), constants=per_consumer)
+            removed_total += gammas[0].numel() - kept
+        reached = self.zero_reduction(model)
+        log.info("ista: removed %d of %d penalised channels (MACs reduction %s, target %.4f)", removed_total, total,
+                 "?" if reached is None else f"{reached:.4f}", self.hparams["prune_ratio"])
         return model
 
 
@@ -337,18 +456,20 @@ def _is_homogeneous(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def _consumer_constants(model: nn.Module, layers: list[_Layer], context: PruneContext
-                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per penalised BN: (value each channel feeds its consumers, whether that value is constant).
+                        ) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per penalised layer, per consumer: (the value each channel feeds that consumer, whether it
+    is constant there).
 
-    A channel whose gamma is exactly zero leaves the BN as ``beta``; after any elementwise
-    activation it is still a constant, which one batch-1 forward reads off at the consumers' inputs.
-    A channel is "constant" when all its consumers see one value at every position.
+    A channel whose gammas are exactly zero leaves its batch norms as ``beta``; after any
+    elementwise activation, and summed along a residual chain, it is still a constant, which one
+    batch-1 forward reads off at each consumer's input (consumers of a residual group each see their
+    own sum). A channel is "constant" at a consumer when it has one value at every position.
     """
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def record(module, inputs):
-            seen[name] = inputs[0].detach()
+            seen.setdefault(name, inputs[0].detach())
         return record
 
     names = {c for layer in layers for c in layer.consumers}
@@ -366,18 +487,10 @@ def _consumer_constants(model: nn.Module, layers: list[_Layer], context: PruneCo
     out = {}
     for layer in layers:
         channels = model.get_submodule(layer.bn).num_features
-        value, ok = None, torch.ones(channels, dtype=torch.bool, device=param.device)
+        per_consumer = {}
         for name in layer.consumers:
             x = seen[name][0].reshape(channels, -1)  # conv: C x (H*W); linear after flatten: C x features
             hi, lo = x.max(dim=1).values, x.min(dim=1).values
-            ok &= (hi - lo) <= 1e-6 * hi.abs().clamp(min=1.0)
-            v = x[:, 0]
-            if value is None:
-                value = v
-            else:
-                ok &= (v - value).abs() <= 1e-6 * v.abs().clamp(min=1.0)
-        if value is None:
-            value = torch.zeros(channels, device=param.device)
-            ok[:] = False
-        out[layer.bn] = (value, ok)
+            per_consumer[name] = (x[:, 0], (hi - lo) <= 1e-6 * hi.abs().clamp(min=1.0))
+        out[layer.bn] = per_consumer
     return out

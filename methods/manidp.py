@@ -19,6 +19,10 @@ Training phase (official code: huawei-noah/Pruning, ManiDP/main.py):
 * thresholds: after each phase epoch, ``xi_l`` = the ``ceil(rho_e * C_l)``-th largest epoch-mean
   saliency of layer l, with the keep rate ``rho_e = eta/2 * cos(pi * (e+1)/E) + 1 - eta/2``
   (cosine from 1 to 1 - eta over the E phase epochs; the official ``adjust_remain_rate``).
+  ``prune_ratio`` is the fraction of the dense MACs removed on average, as for every method: eta is
+  derived from it once the input shape is known (:func:`eta_for_target`, ``prepare`` with a
+  context), the keep rate whose average MACs, gate overhead included, hit the target; per-input
+  skipping makes the measured average land near it, not on it.
   ``prune`` sets the final thresholds at keep rate 1 - eta from the last epoch's mean saliency.
 * gate parameters carry no weight decay (official ``--decay_branch 0``).
 
@@ -40,12 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import PHASE_EPOCHS, PRUNE_RATIO, PruneContext, PruningMethod
-from .cost import _conv2d_macs, _eval_mode, _first_tensor, _linear_macs, count_macs
+from .cost import _conv2d_macs, _eval_mode, _first_tensor, _linear_macs, count_macs, module_macs
 from .errors import PruneTuneError
 from .hyperparameters import Hyperparameter
 from .manidp_gates import (
-    DEFAULT_CLAMP_MAX, DEFAULT_SQUEEZE_RATE, ChannelGate, _SkipState, fold_batchnorm, gate_model, gated_blocks,
-    named_gates, set_thresholds,
+    DEFAULT_CLAMP_MAX, DEFAULT_SQUEEZE_RATE, ChannelGate, _is_block, _SkipState, fold_batchnorm, gate_model,
+    gated_blocks, hidden_width, named_gates, set_thresholds,
 )
 from .registry import register_method
 
@@ -55,6 +59,7 @@ __all__ = ["ManiDP", "average_macs", "skipping_forward", "SkippingView", "comple
 log = logging.getLogger(__name__)
 
 C_FACTOR = 0.5  # C = 0.5 x mean CE (official --thre_cls 0.5)
+MAX_ETA = 0.99  # every gated layer keeps at least one channel on average
 
 
 # ---- the losses --------------------------------------------------------------------------------------
@@ -102,6 +107,43 @@ def thresholds_from_saliency(mean_saliency: Mapping[str, torch.Tensor], rate: fl
         k = min(n, max(1, math.ceil(rate * n - 1e-9)))
         out[name] = float(torch.topk(sal.float(), k).values[-1])
     return out
+
+
+# ---- the MACs target ----------------------------------------------------------------------------------
+def eta_for_target(model: nn.Module, input_shape: Sequence[int], target: float, reference: float | None = None, *,
+                   squeeze_rate: int = DEFAULT_SQUEEZE_RATE) -> float:
+    """The channel prune rate ``eta`` whose final keep rate ``k = 1 - eta`` (the same in every gated
+    layer) removes ``target`` of the dense MACs (``reference``; default: ``model``'s own) on average,
+    with the gates' own fc layers counted: a block's first conv costs ``k`` of its dense MACs (its
+    input is the ungated block input), every later conv ``k^2``. Thresholds are set per layer from
+    mean saliencies, so what a real input uses varies around this; it is what the schedule aims at.
+    ``model`` is the UNGATED network."""
+    per_module, total = module_macs(model, input_shape)
+    reference = float(reference or total)
+    first, later, overhead = 0.0, 0.0, 0.0
+    for name, block in model.named_modules():
+        if not name or not _is_block(block):
+            continue
+        convs = [f"{name}.conv{i}" for i in range(1, 4) if hasattr(block, f"conv{i}")]
+        first += per_module.get(convs[0], 0)
+        later += sum(per_module.get(c, 0) for c in convs[1:])
+        for c in convs:
+            conv = model.get_submodule(c)
+            hidden = hidden_width(conv.out_channels, squeeze_rate)
+            overhead += conv.in_channels * hidden + hidden * conv.out_channels
+    fixed = total + overhead - first - later
+
+    def reduction(k: float) -> float:
+        return 1.0 - (fixed + first * k + later * k * k) / reference
+
+    lo, hi = 0.0, 1.0  # keep rate: reduction falls as k grows
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if reduction(mid) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return min(MAX_ETA, max(0.0, 1.0 - lo))
 
 
 # ---- cost ------------------------------------------------------------------------------------------------
@@ -263,9 +305,22 @@ class ManiDP(PruningMethod):
         self._records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list[Any] = []
         self._gate_names: list[str] = []
+        self._eta: float | None = None        # from the MACs target, once the input shape is known
 
     # ---- phase hooks ----------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
+    @property
+    def eta(self) -> float:
+        """The channel prune rate the keep-rate schedule ends at (from the MACs target)."""
+        return self._eta if self._eta is not None else self.hparams["prune_ratio"]
+
+    def prepare(self, model: nn.Module, context: PruneContext | None = None) -> nn.Module:
+        if context is not None and self._eta is None and not gated_blocks(model):
+            self._eta = eta_for_target(model, context.input_shape, self.hparams["prune_ratio"], context.reference_macs,
+                                       squeeze_rate=self.squeeze_rate)
+            log.info("manidp: keep rate %.4f per gated layer aims at %.4f of the dense MACs removed",
+                     1.0 - self._eta, self.hparams["prune_ratio"])
+        elif context is None and self._eta is None:
+            log.info("manidp: no input shape; prune_ratio taken as the channel prune rate eta")
         gate_model(model, clamp_max=self.clamp_max, squeeze_rate=self.squeeze_rate)
         self._remove_hooks()
         self._gate_names = []
@@ -332,20 +387,21 @@ class ManiDP(PruningMethod):
         self._sal_sum, self._sal_count = {}, 0
         self._epoch = epoch + 1
         if self._last_saliency:
-            rate = keep_rate(epoch, self.phase_epochs, self.hparams["prune_ratio"])
+            rate = keep_rate(epoch, self.phase_epochs, self.eta)
             set_thresholds(model, thresholds_from_saliency(self._last_saliency, rate))
             log.info("manidp epoch %d: C=%.4f, keep rate %.3f", epoch, self._C, rate)
 
     # ---- checkpointed state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "C": self._C, "ce_sum": self._ce_sum, "ce_count": self._ce_count,
-                "last_saliency": {n: s.tolist() for n, s in self._last_saliency.items()}}
+                "last_saliency": {n: s.tolist() for n, s in self._last_saliency.items()}, "eta": self._eta}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._epoch = int(state.get("epoch", 0))
         self._C = None if state.get("C") is None else float(state["C"])
         self._ce_sum, self._ce_count = float(state.get("ce_sum", 0.0)), int(state.get("ce_count", 0))
         self._last_saliency = {n: torch.tensor(v) for n, v in state.get("last_saliency", {}).items()}
+        self._eta = None if state.get("eta") is None else float(state["eta"])
 
     # ---- the cut ----------------------------------------------------------------------------------------
     def prune(self, model: nn.Module, context: PruneContext) -> nn.Module:
@@ -362,5 +418,5 @@ class ManiDP(PruningMethod):
             with _eval_mode(model):
                 saliency = mean_saliency(model, context.calibration)
         pruned = copy.deepcopy(model)
-        set_thresholds(pruned, thresholds_from_saliency(saliency, 1.0 - self.hparams["prune_ratio"]))
+        set_thresholds(pruned, thresholds_from_saliency(saliency, 1.0 - self.eta))
         return pruned

@@ -1,15 +1,18 @@
 """Pruning from Scratch (Wang et al., AAAI 2020): find the architecture with gates on a RANDOMLY
 initialised network, then train that architecture from fresh random weights.
 
-1. Gates: one vector per prunable group (the block-internal groups that feed a batch norm), init 1,
-   multiplying that batch norm's output before the activation (a forward hook on the BN). Every
+1. Gates: one vector per prunable group in ``scope`` that feeds a batch norm (``internal``: the
+   block-internal groups, as the paper; ``all``: residual-coupled groups too, one gate shared by
+   every batch norm of the group), init 1, multiplying the batch norm's output before the
+   activation (a forward hook on the BN). Every
    weight stays frozen at its random initialisation (``requires_grad`` False; BN running statistics
    still update in train mode); only the gates train, with Adam(lr 0.01), clamped to [0, 1] after
    every step. Loss: ``CE + lambda * (mean over ALL gates of |g| - r)^2``.
-2. Threshold: all gates ranked globally; the number of pruned channels (equivalently the pruned
-   fraction p) is found by bisection so the pruned model's MACs reduction, measured against the
+2. Threshold: all gates ranked globally (``allocation: global``, the paper's; ``uniform`` ranks
+   within each group); the number of pruned channels is found by bisection
+   (``methods.budget.allocate``) so the pruned model's MACs reduction, measured against the
    UNEXPANDED original (``PruneContext.reference_macs``), is as close as possible to
-   ``prune_ratio``; a layer always keeps its strongest channel.
+   ``prune_ratio``; a layer always keeps its strongest channel; ``round_to`` rounds the widths.
 3. Expansion: the trial builds the searched network ``expansion`` times wider
    (:meth:`Scratch.model_width_mult`); stage (residual) widths stay expanded, internal widths come
    from the gates.
@@ -21,21 +24,23 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .base import PHASE_EPOCHS, PRUNE_RATIO, PruneContext, PruningMethod
-from .cost import _conv2d_macs, _linear_macs, profile
+from .base import PHASE_EPOCHS, PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod, allocation_hp
+from .budget import MacsModel, allocate, keep_top
+from .cost import profile
 from .errors import PruneTuneError
 from .graph import ChannelGroup, DependencyGraph
 from .hyperparameters import Hyperparameter
 from .registry import register_method
+from .selection import MIN_CHANNELS
 from .surgery import prune_group
 
-__all__ = ["Scratch", "MacsModel", "ThresholdResult", "gate_regulariser", "search_threshold", "reinitialise"]
+__all__ = ["Scratch", "MacsModel", "gate_regulariser", "reinitialise"]
 
 log = logging.getLogger(__name__)
 
@@ -47,118 +52,6 @@ def gate_regulariser(gates: Sequence[torch.Tensor], lam: float, r: float) -> tor
     """``lambda * (mean over all gate entries of |g| - r)^2``: one global balance term."""
     flat = torch.cat([g.flatten() for g in gates])
     return lam * (flat.abs().mean() - r) ** 2
-
-
-# ---- MACs as a function of the kept channel counts ----------------------------------------------------
-
-class MacsModel:
-    """Exact MACs (the ``methods.cost`` convention: Conv2d and Linear at batch 1) of ``model`` after
-    cutting each of ``groups`` down to ``kept[i]`` channels, without doing the surgery.
-
-    A Conv2d or Linear costs ``out_positions * (in/groups) * out * kernel``, linear in its input and
-    in its output channel count, so each module's measured MACs are scaled by ``kept/size`` of the
-    group it reads (consumer) and of the group it writes (producer); a depthwise follower scales once.
-    """
-
-    def __init__(self, model: nn.Module, graph: DependencyGraph, groups: Sequence[ChannelGroup],
-                 input_shape: Sequence[int]):
-        self.sizes = [g.size for g in groups]
-        per_module: dict[str, int] = {}
-        names = {m: n for n, m in model.named_modules()}
-
-        def hook(mod, args, out):
-            macs = _conv2d_macs(mod, out) if isinstance(mod, nn.Conv2d) else _linear_macs(mod, out)
-            per_module[names[mod]] = per_module.get(names[mod], 0) + macs
-
-        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        try:
-            self.total = profile(model, input_shape).macs
-        finally:
-            for h in handles:
-                h.remove()
-        # Per module: (MACs, group it reads or None, group it writes or None).
-        reads: dict[str, int] = {}
-        writes: dict[str, int] = {}
-        for i, g in enumerate(groups):
-            for name, _ in g.consumers:
-                reads[name] = i
-            for name in g.producers:
-                writes[name] = i
-            for name in g.followers:
-                if isinstance(model.get_submodule(name), nn.Conv2d):
-                    writes[name] = i  # depthwise: MACs scale once with the group
-        terms = [(macs, reads.get(n), writes.get(n)) for n, macs in per_module.items()]
-        self.terms = [t for t in terms if t[1] is not None or t[2] is not None]
-        # Everything the gated groups do not touch (modules with their own macs_hook included).
-        self.fixed = self.total - sum(t[0] for t in self.terms)
-
-    def macs(self, kept: Sequence[int]) -> float:
-        total = float(self.fixed)
-        for macs, a, b in self.terms:
-            f = float(macs)
-            if a is not None:
-                f *= kept[a] / self.sizes[a]
-            if b is not None:
-                f *= kept[b] / self.sizes[b]
-            total += f
-        return total
-
-
-# ---- the global threshold ---------------------------------------------------------------------------
-
-@dataclass
-class ThresholdResult:
-    keep: list[torch.Tensor]  # per group: sorted kept channel indices
-    n_pruned: int             # channels below the global threshold (before the keep-one guard)
-    reduction: float          # 1 - MACs / reference
-    iterations: int           # MACs evaluations of the bisection
-
-
-def _keep_sets(gates: Sequence[torch.Tensor], order: torch.Tensor, n_pruned: int) -> list[torch.Tensor]:
-    pruned = torch.zeros(order.numel(), dtype=torch.bool)
-    pruned[order[:n_pruned]] = True
-    out, offset = [], 0
-    for g in gates:
-        mask = ~pruned[offset: offset + g.numel()]
-        offset += g.numel()
-        keep = mask.nonzero().flatten()
-        if keep.numel() == 0:  # never empty a layer: keep its strongest gate
-            keep = g.detach().cpu().argmax().view(1)
-        out.append(keep)
-    return out
-
-
-def search_threshold(gates: Sequence[torch.Tensor], macs_of: Callable[[list[int]], float], reference: float,
-                     target: float) -> ThresholdResult:
-    """Bisection on the number of globally lowest gates pruned, so that ``1 - macs / reference`` is
-    as close to ``target`` as any global threshold allows.
-
-    The reduction never decreases as more channels are pruned, so the smallest count reaching the
-    target is found in ceil(log2(N + 1)) MACs evaluations (N gates: 9 for ResNet-20, 13 for
-    VGG-16); it and the count just below are compared and the closer one is returned.
-    """
-    flat = torch.cat([g.detach().abs().flatten().cpu() for g in gates])
-    order = flat.argsort(stable=True)  # ties (e.g. untouched gates of 1) broken by position
-    evaluations = 0
-
-    def reduction(n: int) -> float:
-        nonlocal evaluations
-        evaluations += 1
-        return 1.0 - macs_of([k.numel() for k in _keep_sets(gates, order, n)]) / reference
-
-    lo, hi = 0, flat.numel()  # invariant: answer in [lo, hi]; reduction(hi) may still miss the target
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if reduction(mid) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    best, best_red = lo, reduction(lo)
-    if lo > 0:
-        below = reduction(lo - 1)
-        if abs(below - target) < abs(best_red - target):
-            best, best_red = lo - 1, below
-    return ThresholdResult(_keep_sets(gates, order, best), best, best_red, evaluations)
 
 
 @torch.no_grad()
@@ -189,7 +82,7 @@ class Scratch(PruningMethod):
         Hyperparameter("lambda", 0.5, 0.01, 1.0, log=True, doc="strength of the gate balance term"),
         Hyperparameter("r", 0.2, 0.1, 0.7, doc="target mean gate value"),
         Hyperparameter("expansion", 1.0, 1.0, 2.0, doc="width multiplier of the searched network"),
-        PHASE_EPOCHS,
+        PHASE_EPOCHS, SCOPE, allocation_hp("global"), ROUND_TO,
     )
     from_scratch = True
 
@@ -209,18 +102,16 @@ class Scratch(PruningMethod):
         return self._gates
 
     # ---- the gate phase ---------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, context: PruneContext | None = None) -> nn.Module:
         self._remove_hooks()
         graph = DependencyGraph(model)
         self._gates = {}
-        for group in graph.prunable_groups():
-            bn_name = graph.next_module.get(group.producers[0])
-            if bn_name is None:
-                continue
-            bn = model.get_submodule(bn_name)
+        for group, bn_names in self._gated_groups(graph):
+            bn = model.get_submodule(bn_names[0])
             dev = next(iter([*bn.parameters(), *bn.buffers()])).device
-            self._gates[bn_name] = torch.ones(bn.num_features, device=dev, requires_grad=True)
-            self._handles.append(bn.register_forward_hook(self._gate_hook(bn_name)))
+            self._gates[bn_names[0]] = torch.ones(bn.num_features, device=dev, requires_grad=True)
+            for name in bn_names:  # a residual group: one gate shared by every batch norm of the group
+                self._handles.append(model.get_submodule(name).register_forward_hook(self._gate_hook(bn_names[0])))
         if not self._gates:
             raise PruneTuneError(f"scratch: {type(model).__name__} has no prunable group followed by a batch norm")
         for p in model.parameters():
@@ -229,6 +120,16 @@ class Scratch(PruningMethod):
             self.load_state_dict(self._pending)
         log.info("scratch: %d gate vectors, %d gates", len(self._gates), sum(g.numel() for g in self._gates.values()))
         return model
+
+    def _gated_groups(self, graph: DependencyGraph) -> list[tuple[ChannelGroup, list[str]]]:
+        """(group, its batch norms) for every group in scope that has one; the gate is named after
+        the first batch norm."""
+        out = []
+        for group in graph.prunable_groups(scope=self.hparams["scope"]):
+            names = graph.batch_norm_names(group)
+            if names:
+                out.append((group, names))
+        return out
 
     def _gate_hook(self, name: str):
         def hook(module, args, out):
@@ -290,26 +191,27 @@ class Scratch(PruningMethod):
         self._remove_hooks()
         model = copy.deepcopy(model)
         graph = DependencyGraph(model)
-        pairs = [(g, graph.next_module.get(g.producers[0])) for g in graph.prunable_groups()]
-        pairs = [(g, bn) for g, bn in pairs if bn in self._gates]
+        pairs = [(g, names[0]) for g, names in self._gated_groups(graph) if names[0] in self._gates]
         groups = [g for g, _ in pairs]
-        gates = [self._gates[bn].detach().cpu() for _, bn in pairs]
+        gates = [self._gates[bn].detach().cpu().abs() for _, bn in pairs]
         macs_model = MacsModel(model, graph, groups, context.input_shape)
         reference = float(context.reference_macs) if context.reference_macs else float(macs_model.total)
         target = self.hparams["prune_ratio"]
-        result = search_threshold(gates, macs_model.macs, reference, target)
+        # The paper ranks the raw gates globally (all share the [0, 1] scale): no per-group normalisation.
+        result = allocate(macs_model, gates, target, reference=reference, allocation=self.hparams["allocation"],
+                          round_to=self.hparams["round_to"], min_channels=MIN_CHANNELS, normalise=False)
         self.threshold = result  # for inspection (tests, logs); not part of the checkpointed state
         if abs(result.reduction - target) > TARGET_RTOL * target:
             log.info("scratch: nearest achievable MACs reduction %.4f for target %.4f (%d of %d gates pruned)",
-                     result.reduction, target, result.n_pruned, sum(g.numel() for g in gates))
-        for group, keep in zip(groups, result.keep):
-            if keep.numel() < group.size:
-                prune_group(graph, group, keep)
+                     result.reduction, target, result.n, sum(g.numel() for g in gates))
+        for group, gate, kept in zip(groups, gates, result.kept):
+            if kept < group.size:
+                prune_group(graph, group, keep_top(gate, kept))
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(context.seed)
         reinitialise(model, generator)
         for p in model.parameters():
             p.requires_grad_(True)
         macs = profile(model, context.input_shape).macs
         log.info("scratch: pruned to %d MACs, reduction %.4f vs reference %d (target %.4f, %d bisection steps)",
-                 macs, 1.0 - macs / reference, int(reference), target, result.iterations)
+                 macs, 1.0 - macs / reference, int(reference), target, result.evaluations)
         return model

@@ -26,7 +26,7 @@ class Slimming(PruningMethod):
         PHASE_EPOCHS, SCOPE, allocation_hp("global"), ROUND_TO,
     )
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, context: PruneContext | None = None) -> nn.Module:
         graph = DependencyGraph(model)
         self._gammas = [bn.weight for g in graph.prunable_groups(scope=self.hparams["scope"])
                         for bn in batch_norms(graph, g)]
@@ -39,4 +39,5 @@ class Slimming(PruningMethod):
                 gamma.grad.add_(torch.sign(gamma.detach()), alpha=s)
 
     def prune(self, model: nn.Module, context: PruneContext) -> nn.Module:
-        return prune_by_scores(model, context, self.hparams, bn_scale, owner=self.name)
+        # The paper's threshold is one percentile of the raw |gamma| (all on one scale): not normalised.
+        return prune_by_scores(model, context, self.hparams, bn_scale, owner=self.name, normalise=False)

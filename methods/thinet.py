@@ -17,12 +17,20 @@ batches run through the model). The contribution of input channel ``c`` to sampl
 3. schedule: groups are pruned one at a time from the input side, each followed by
    ``context.finetune(model, finetune_steps)``; the trial's normal fine-tune is the final one.
 
-Which groups: the block-internal ones (``DependencyGraph.prunable_groups()``): in a basic-block
-ResNet each block's conv1 output, judged by conv2's reconstruction; in VGG every conv. A group with
-several consumers is judged on the samples of all of them stacked (one shared rescaling vector); a
-``Linear`` consumer (VGG's classifier after global pooling) is handled like a 1x1 conv on its
-per-channel features. Only a consumer we cannot model (a grouped conv, non-zero padding modes, a
-non-2-D linear input) makes the group fall back to the L1 norm of the producer's filters (logged).
+Which groups: with ``scope: internal`` (the paper's) the block-internal ones: in a basic-block
+ResNet each block's conv1 output, judged by conv2's reconstruction; in VGG every conv. With
+``scope: all`` the residual-coupled groups too, each judged by EVERY conv that reads it (all the
+blocks of a stage and the next stage's first block); option-A pad shortcuts only copy channels and
+are not reconstructed. A group with several consumers is judged on the samples of all of them
+stacked (one shared rescaling vector); a ``Linear`` consumer (the classifier after global pooling)
+is handled like a 1x1 conv on its per-channel features. Only a consumer we cannot model (a grouped
+conv, non-zero padding modes, a non-2-D linear input) makes the group fall back to the L1 norm of
+the producers' filters (logged).
+
+How many channels each group keeps is fixed before the first cut so that ``prune_ratio`` of the
+dense MACs goes (``methods.budget``): the same fraction of every group (``allocation: uniform``),
+or one ranking of every channel of every group by the relative reconstruction error at the greedy
+step that would remove it (``global``, :func:`greedy_scores`).
 """
 from __future__ import annotations
 
@@ -37,15 +45,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import PRUNE_RATIO, PruneContext, PruningMethod
+from .base import PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod, allocation_hp
+from .budget import keep_top
 from .errors import PruneTuneError
 from .graph import ChannelGroup, DependencyGraph
 from .hyperparameters import Hyperparameter
+from .importance import l1_filter
+from .layers import ChannelPadShortcut
 from .registry import register_method
-from .selection import keep_count
+from .selection import plan_widths
 from .surgery import prune_group
 
-__all__ = ["ThiNet", "LayerSamples", "sample_contributions", "thinet_select", "least_squares_scale",
+__all__ = ["ThiNet", "LayerSamples", "sample_contributions", "thinet_select", "removal_order", "greedy_scores",
+           "group_scores", "least_squares_scale",
            "reconstruction_error", "supports_consumer", "calibration_inputs", "prune_layer"]
 
 log = logging.getLogger(__name__)
@@ -192,16 +204,13 @@ def reconstruction_error(contrib: torch.Tensor, keep: Sequence[int] | torch.Tens
     return float((x.sum(1) - kept.sum(1)).pow(2).sum())
 
 
-def thinet_select(contrib: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """ThiNet's greedy selection: the sorted indices of the ``n_keep`` channels to KEEP.
-
-    Removes ``C - n_keep`` channels one at a time, each time the one whose addition to the removed
-    set T gives the smallest ``|| sum_{c in T} xhat_c ||^2``. Runs on the Gram matrix (float64):
-    O(m C^2) once, then O(C) per removal.
-    """
+def removal_order(contrib: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ThiNet's greedy removal: the first ``count`` (default: all) channels in the order the greedy
+    step removes them, each time the one whose addition to the removed set T gives the smallest
+    ``|| sum_{c in T} xhat_c ||^2``, and that error after each removal. Runs on the Gram matrix
+    (float64): O(m C^2) once, then O(C) per removal."""
     m, C = contrib.shape
-    if not 1 <= n_keep <= C:
-        raise ValueError(f"n_keep must be in [1, {C}], got {n_keep}")
+    count = C if count is None else count
     x = contrib.double()
     gram = x.T @ x
     sq = gram.diagonal().clone()
@@ -209,23 +218,90 @@ def thinet_select(contrib: torch.Tensor, n_keep: int) -> torch.Tensor:
     rr = torch.zeros((), dtype=torch.float64)  # ||r||^2
     removed = torch.zeros(C, dtype=torch.bool)
     inf = torch.tensor(float("inf"), dtype=torch.float64)
-    for _ in range(C - n_keep):
+    order, errors = [], []
+    for _ in range(count):
         err = torch.where(removed, inf, rr + 2 * dot + sq)
         c = int(torch.argmin(err))
         removed[c] = True
         rr = err[c]
         dot += gram[:, c]
-    return (~removed).nonzero().flatten()
+        order.append(c)
+        errors.append(float(rr))
+    return torch.tensor(order, dtype=torch.long), torch.tensor(errors, dtype=torch.float64)
+
+
+def thinet_select(contrib: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """ThiNet's greedy selection: the sorted indices of the ``n_keep`` channels to KEEP (the ones
+    :func:`removal_order` has not removed after ``C - n_keep`` steps)."""
+    C = contrib.shape[1]
+    if not 1 <= n_keep <= C:
+        raise ValueError(f"n_keep must be in [1, {C}], got {n_keep}")
+    order, _ = removal_order(contrib, C - n_keep)
+    keep = torch.ones(C, dtype=torch.bool)
+    keep[order] = False
+    return keep.nonzero().flatten()
+
+
+def greedy_scores(contrib: torch.Tensor) -> torch.Tensor:
+    """Per channel: the relative reconstruction error (error / target energy) at the greedy step
+    that removes it, made non-decreasing along the removal order. Higher = more important; the
+    scale is comparable across layers, so a global allocation can rank all groups at once."""
+    order, errors = removal_order(contrib)
+    energy = float(contrib.double().sum(1).pow(2).sum()) or 1.0
+    envelope = torch.cummax(errors / energy, dim=0).values
+    scores = torch.empty(contrib.shape[1], dtype=torch.float64)
+    scores[order] = envelope
+    return scores
+
+
+#: Ridge strengths tried when there are too few samples for a plain least-squares fit, as fractions
+#: of ``trace(X^T X) / k`` (the mean squared column norm: the data's own scale). Each direction of
+#: the fit keeps ``s^2 / (s^2 + lam)`` of itself, about ``k / (1000 m)`` at the largest (m < k
+#: samples): in effect w = 1, so the choice spans "fit" to "leave alone".
+RIDGE_FRACTIONS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def _ridge_towards_one(kept: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """``w = argmin ||y - X w||^2 + lam ||w - 1||^2`` (float64). ``lam`` is a fraction of
+    ``trace(X^T X) / k`` from RIDGE_FRACTIONS, picked by exact leave-one-out error with the
+    one-standard-error rule: the strongest whose error is within one (paired) standard error of the
+    lowest, since the lowest of several noisy estimates flatters a weak ``lam``. Returns ``(w,
+    fraction, its leave-one-out error / that of w = 1)``. One SVD serves every ``lam``: with
+    ``d = w - 1`` fitting ``r = y - X 1``, the fit is ``X d = U diag(s^2 / (s^2 + lam)) U^T r``."""
+    m, k = kept.shape
+    r = y - kept.sum(1)
+    base = r.pow(2)
+    if float(base.sum()) == 0.0:
+        return torch.ones(k, dtype=torch.float64), 0.0, 1.0
+    u, s, vh = torch.linalg.svd(kept, full_matrices=False)
+    ur = u.T @ r
+    scale = float(s.pow(2).sum()) / k
+    errors = []
+    for fraction in RIDGE_FRACTIONS:
+        shrink = s.pow(2) / (s.pow(2) + fraction * scale)
+        leverage = u.pow(2) @ shrink  # the hat matrix's diagonal, < 1 for lam > 0
+        errors.append(((r - u @ (shrink * ur)) / (1 - leverage)).pow(2))
+    means = [float(e.mean()) for e in errors]
+    best = min(range(len(means)), key=means.__getitem__)
+    pick = next(j for j in range(len(means) - 1, best - 1, -1)
+                if j == best or means[j] - means[best] <= float((errors[j] - errors[best]).std()) / math.sqrt(m))
+    lam = RIDGE_FRACTIONS[pick] * scale
+    d = vh.T @ (s / (s.pow(2) + lam) * ur)
+    return 1 + d, RIDGE_FRACTIONS[pick], means[pick] / float(base.mean())
 
 
 def least_squares_scale(contrib: torch.Tensor, keep: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """ThiNet's rescaling ``w = argmin || yhat - xhat_S w ||^2`` for the kept channels (in ``keep``'s
-    order), solved in float64 on the CPU with the rank-revealing ``gelsd`` driver.
+    order), solved in float64 on the CPU.
 
-    Guards: channels that contribute nothing on the samples keep ``w = 1`` (the data say nothing
-    about them); with fewer samples than twice the kept channels the fit would chase noise, so all
-    weights stay 1; a non-finite solution, or one that does not lower the error, gives all ones.
-    The returned ``w`` therefore never increases the sampled reconstruction error.
+    With at least twice as many samples as live kept channels: plain least squares (the paper), by
+    the rank-revealing ``gelsd`` driver. With fewer, a plain fit would chase noise, so it is solved
+    regularised towards the unscaled solution, ``min ||yhat - xhat_S w||^2 + lam ||w - 1||^2``, with
+    ``lam`` chosen by leave-one-out error among fractions of the data scale (:func:`_ridge_towards_one`);
+    an under-determined fit stays well-posed and shrinks towards ``w = 1`` as far as the samples say.
+    The regime used is logged at INFO. Guards: channels that contribute nothing on the samples keep
+    ``w = 1`` (the data say nothing about them); a non-finite solution, or one that does not lower
+    the error, gives all ones. The returned ``w`` therefore never increases the sampled error.
     """
     keep_t = torch.as_tensor(keep, dtype=torch.long)
     ones = torch.ones(keep_t.numel())
@@ -234,12 +310,17 @@ def least_squares_scale(contrib: torch.Tensor, keep: Sequence[int] | torch.Tenso
     kept = x[:, keep_t]
     live = kept.abs().amax(0) > 0
     k = int(live.sum())
-    if k == 0 or m < 2 * k:
-        if k:
-            log.info("thinet: %d samples for %d kept channels; rescaling skipped", m, k)
+    if k == 0:
         return ones
-    y = x.sum(1, keepdim=True)
-    sol = torch.linalg.lstsq(kept[:, live], y, driver="gelsd").solution.flatten()
+    y = x.sum(1)
+    if m >= 2 * k:
+        sol = torch.linalg.lstsq(kept[:, live], y.view(-1, 1), driver="gelsd").solution.flatten()
+        log.info("thinet: %d samples for %d kept channels: least-squares rescaling", m, k)
+    else:
+        sol, fraction, loo = _ridge_towards_one(kept[:, live], y)
+        log.info("thinet: %d samples for %d kept channels (< 2x): ridge rescaling towards w = 1, lambda = "
+                 "%g x trace(X^T X)/k by leave-one-out (its held-out error estimate: %.4f of w = 1's)",
+                 m, k, fraction, loo)
     w = torch.ones(keep_t.numel(), dtype=torch.float64)
     w[live] = sol
     if not bool(torch.isfinite(w).all()):
@@ -250,9 +331,26 @@ def least_squares_scale(contrib: torch.Tensor, keep: Sequence[int] | torch.Tenso
     return w.float()
 
 
-def _l1_keep(graph: DependencyGraph, group: ChannelGroup, n_keep: int) -> torch.Tensor:
-    w = graph.model.get_submodule(group.producers[0]).weight.detach()
-    return torch.topk(w.abs().flatten(1).sum(1), n_keep).indices.sort().values
+def _sampled_consumers(graph: DependencyGraph, group: ChannelGroup) -> list[tuple[str, int]] | None:
+    """The consumers ThiNet reconstructs: every conv/linear reading the group. Pad shortcuts only copy
+    channels (nothing to reconstruct by weights) and are left out; None when a consumer cannot be
+    modelled or none is left."""
+    model = graph.model
+    consumers = [(n, pc) for n, pc in group.consumers if not isinstance(model.get_submodule(n), ChannelPadShortcut)]
+    if not consumers or not all(supports_consumer(model.get_submodule(n)) for n, _ in consumers):
+        return None
+    return consumers
+
+
+def group_scores(graph: DependencyGraph, group: ChannelGroup, inputs: Sequence[torch.Tensor], samples: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """:func:`greedy_scores` of ``group`` on freshly sampled contributions (the L1 filter norm,
+    normalised to a mean of one, where the consumers cannot be sampled)."""
+    consumers = _sampled_consumers(graph, group)
+    if consumers is None:
+        l1 = l1_filter(graph, group).double()
+        return l1 / (l1.mean() or 1.0)
+    return greedy_scores(sample_contributions(graph.model, consumers, group.size, inputs, samples, generator).contrib)
 
 
 def prune_layer(graph: DependencyGraph, group: ChannelGroup, n_keep: int, inputs: Sequence[torch.Tensor],
@@ -260,14 +358,14 @@ def prune_layer(graph: DependencyGraph, group: ChannelGroup, n_keep: int, inputs
     """One ThiNet step, in place: sample ``group``'s consumer(s) on ``inputs``, keep the ``n_keep``
     channels the greedy selection picks, rescale the kept consumer slices, cut. Returns the
     sampled relative errors (None when the group fell back to the L1 norm)."""
-    model, size = graph.model, group.size
-    consumers = list(group.consumers)
-    if not consumers or not all(supports_consumer(model.get_submodule(n)) for n, _ in consumers):
+    size = group.size
+    consumers = _sampled_consumers(graph, group)
+    if consumers is None:
         log.info("thinet %s: consumers %s cannot be sampled; falling back to the L1 norm",
-                 group.name, [n for n, _ in consumers])
-        prune_group(graph, group, _l1_keep(graph, group, n_keep))
+                 group.name, [n for n, _ in group.consumers])
+        prune_group(graph, group, keep_top(l1_filter(graph, group), n_keep))
         return None
-    data = sample_contributions(model, consumers, size, inputs, samples, generator)
+    data = sample_contributions(graph.model, consumers, size, inputs, samples, generator)
     keep = thinet_select(data.contrib, n_keep)
     scale = least_squares_scale(data.contrib, keep)
     before = reconstruction_error(data.contrib, keep)
@@ -289,6 +387,7 @@ class ThiNet(PruningMethod):
         Hyperparameter("samples_per_layer", 512, 64, 4096, kind="int",
                        doc="sampled (image, position, filter) outputs of the next layer per pruned layer"),
         Hyperparameter("finetune_steps", 20, 0, 500, kind="int", doc="fine-tune steps after each pruned layer"),
+        SCOPE, allocation_hp("uniform"), ROUND_TO,
     )
 
     def __init__(self, **hparams):
@@ -308,9 +407,14 @@ class ThiNet(PruningMethod):
             raise PruneTuneError("thinet: the calibration iterable yielded no batches")
         graph = DependencyGraph(model)
         generator = torch.Generator().manual_seed(context.seed)
+        groups = graph.prunable_groups(scope=self.hparams["scope"])
+        # Widths are fixed up front on the dense model; global allocation ranks every group's
+        # greedy reconstruction errors (relative, so comparable across layers).
+        scores = ([group_scores(graph, g, inputs, samples, generator) for g in groups]
+                  if self.hparams["allocation"] == "global" else None)
+        plan = plan_widths(model, graph, groups, context, self.hparams, scores, owner=self.name, normalise=False)
         self.layer_report = []
-        for group in graph.prunable_groups():
-            n_keep = keep_count(group.size, self.hparams["prune_ratio"])
+        for group, n_keep in zip(groups, plan.kept):  # graph order: from the input side
             if n_keep == group.size:
                 continue
             stats = prune_layer(graph, group, n_keep, inputs, samples, generator)

@@ -1,5 +1,6 @@
 """Checks that need more than the config file itself, run before any work starts: the model builds
-and runs on the data set's input, a weights file loads with ``weights_only=True``, the MLflow
+and runs on the data set's input (with scratch, also at the widths its ``expansion`` searches), a
+weights file loads with ``weights_only=True``, the MLflow
 tracking server and the Ray cluster answer, ``storage_path`` can be written. Each failure is one ``ConfigError`` line naming the
 field; each network probe gives up after a few seconds instead of hanging."""
 from __future__ import annotations
@@ -14,13 +15,14 @@ import uuid
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 
 from methods.errors import ConfigError
 
 from .config import SweepConfig
 
-__all__ = ["preflight", "check_model", "check_tracking_uri", "check_ray_address", "check_storage_path"]
+__all__ = ["preflight", "check_model", "check_expansion", "check_tracking_uri", "check_ray_address", "check_storage_path"]
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 10.0
@@ -28,6 +30,7 @@ PROBE_TIMEOUT_S = 10.0
 
 def preflight(cfg: SweepConfig) -> None:
     check_model(cfg)
+    check_expansion(cfg)
     check_tracking_uri(cfg.tracking_uri)
     check_storage_path(cfg.storage_path)
     if cfg.address:
@@ -76,21 +79,51 @@ def check_model(cfg: SweepConfig) -> None:
         field = "model_kwargs.weights" if weights and "state_dict" in first else "model"
         raise ConfigError(f"{field}: {cfg.model} does not run on {cfg.dataset} input {shape} "
                           f"(set image_size?): {first}") from None
-    check_methods_fit(cfg, model)
+    check_methods_fit(cfg, model, shape)
 
 
-def check_methods_fit(cfg: SweepConfig, model) -> None:
+def check_methods_fit(cfg: SweepConfig, model, input_shape) -> None:
     """Every selected method can attach to this architecture (e.g. ManiDP needs ResNet blocks)."""
     import copy
 
-    from methods import create_method
-    from methods.errors import SurgeryError
+    from methods import PruneContext, create_method
+    from methods.errors import PruneTuneError
 
     for i, name in enumerate(cfg.methods):
         try:
-            create_method(name).prepare(copy.deepcopy(model))
-        except SurgeryError as exc:
+            create_method(name).prepare(copy.deepcopy(model), PruneContext(tuple(input_shape)))
+        except PruneTuneError as exc:  # a SurgeryError, or e.g. scratch finding no batch norm to gate
             raise ConfigError(f"methods[{i}]: {name} cannot prune {cfg.model}: {exc}") from None
+
+
+def check_expansion(cfg: SweepConfig) -> None:
+    """Scratch builds its searched network ``expansion`` x wider than the configured model: the
+    narrowest and the widest of the searched range must build (weights file included, as the trial
+    builds it) and run on the data set's input. Checked on the meta device: shapes only, no weights
+    drawn, so it costs milliseconds even for VGG-16."""
+    if "scratch" not in cfg.methods:
+        return
+    import torch
+
+    from trainables.models import create_model
+
+    hp = cfg.search_space()["scratch"]["expansion"]
+    field = "space.expansion" if "expansion" in cfg.space and "expansion" not in cfg.space.get("scratch", {}) \
+        else "space.scratch.expansion"
+    shape, num_classes = _input_of(cfg)
+    base = cfg.model_kwargs.get("width_mult", 1.0)
+    for expansion in sorted({hp.low, hp.high} - {1.0}):
+        kwargs = {**cfg.model_kwargs, "width_mult": base * expansion}
+        try:
+            with torch.device("meta"), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # loading real weights into meta tensors warns per tensor
+                create_model(cfg.model, num_classes, in_channels=shape[0], **kwargs).eval()(torch.zeros(1, *shape))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if kwargs.get("weights") and "state_dict" in first:
+                first = f"model_kwargs.weights {kwargs['weights']} holds the unexpanded model ({first})"
+            raise ConfigError(f"{field}: {cfg.model} cannot be built {base * expansion:g}x wide (scratch expansion "
+                              f"{expansion:g} x model_kwargs.width_mult {base:g}): {first}") from None
 
 
 def check_tracking_uri(uri: str) -> None:

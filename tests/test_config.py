@@ -346,7 +346,8 @@ def test_entries_for_unselected_methods_are_ignored_so_methods_can_be_overridden
     cfg = load_config("configs/quickstart.yaml", ["methods=[l1_norm, random]"])
     space = cfg.search_space()
     assert sorted(space) == ["l1_norm", "random"]
-    assert (space["l1_norm"]["prune_ratio"].low, space["l1_norm"]["prune_ratio"].high) == (0.2, 0.8)
+    assert (space["l1_norm"]["prune_ratio"].low, space["l1_norm"]["prune_ratio"].high) == (0.3, 0.95)
+    assert space["l1_norm"]["scope"].choices == ("all",) and space["random"]["allocation"].choices == ("uniform", "global")
 
 
 def test_bad_objective_is_one_exact_line(tmp_path):

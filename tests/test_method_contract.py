@@ -46,7 +46,7 @@ def _pruned(name, loader, ratio=0.5):
     declared = {hp.name for hp in cls.hyperparameters}
     method = create_method(name, **({"prune_ratio": ratio} if "prune_ratio" in declared else {}))
     start = create_model("resnet20", 10, in_channels=1) if method.from_scratch else copy.deepcopy(dense)
-    model = method.prepare(start)
+    model = method.prepare(start, PruneContext(INPUT))
     if method.phase_epochs:
         optimizer = method.make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
         train_epoch(model, loader, optimizer, device=torch.device("cpu"), method=method, max_steps=PHASE_STEPS)
@@ -83,11 +83,12 @@ def test_pruned_model_runs_and_shrinks(name, digits_loader, eval_batches):
     assert pruned(x).shape == (4, 10)
     before, after = profile(dense, INPUT), profile(pruned, INPUT)
     reduction = 1 - _macs(pruned, method, eval_batches) / before.macs
-    if "prune_ratio" in method.hparams:
-        # Block-internal pruning of a basic-block ResNet removes ~prune_ratio of the MACs.
-        assert 0.3 <= reduction <= 0.7, reduction
-    else:  # the method decides how much (ISTA: rho); with its defaults, a short phase prunes some
-        assert reduction > 0, reduction
+    if method.target_from_phase:  # the phase drives towards the target; 12 steps get part of the way
+        assert 0 < reduction <= 0.5 + 0.02, reduction
+    elif method.dynamic:  # per-input skipping lands near the average the schedule aims at
+        assert abs(reduction - 0.5) <= 0.15, reduction
+    else:  # prune_ratio is the fraction of the dense MACs removed, hit by bisection
+        assert abs(reduction - 0.5) <= 0.03, reduction
     if not method.dynamic:
         assert after.params < before.params
     else:  # a dynamic method keeps every dense weight, unchanged in shape, under its own name
@@ -99,7 +100,8 @@ def test_pruned_model_runs_and_shrinks(name, digits_loader, eval_batches):
 def test_larger_ratio_removes_more(name, digits_loader, eval_batches):
     if "prune_ratio" not in {hp.name for hp in get_method_class(name).hyperparameters}:
         pytest.skip(f"{name} takes no prune_ratio")
-    _, method, small = _pruned(name, digits_loader, 0.3)
+    # A phase-driven method holds once it reaches the target: a small target its 12 steps reach.
+    _, method, small = _pruned(name, digits_loader, 0.05 if get_method_class(name).target_from_phase else 0.3)
     _, _, large = _pruned(name, digits_loader, 0.7)
     assert _macs(large, method, eval_batches) < _macs(small, method, eval_batches)
 

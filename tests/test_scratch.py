@@ -10,7 +10,8 @@ from torch import nn
 
 from methods import DependencyGraph, PruneContext, create_method
 from methods.cost import profile
-from methods.scratch import MacsModel, _keep_sets, gate_regulariser, search_threshold
+from methods.budget import MacsModel, allocate
+from methods.scratch import gate_regulariser
 from trainables.data import load, make_loader
 from trainables.models import create_model
 from trainables.train import train_epoch
@@ -84,17 +85,22 @@ def test_bisection_hits_the_macs_target(name):
         gates = [method.gates[graph.next_module[g.producers[0]]].detach() for g in groups]
         macs = MacsModel(gated, graph, groups, CIFAR)
         order = torch.cat(gates).argsort(stable=True)
+        owner = torch.cat([torch.full((g.numel(),), i) for i, g in enumerate(gates)])
+
+        def widths(n):  # an independent global threshold: prune the n lowest gates, keep one per layer
+            removed = torch.bincount(owner[order[:n]], minlength=len(gates))
+            return [max(1, g.numel() - int(r)) for g, r in zip(gates, removed)]
 
         def achieved(n):
-            return 1 - macs.macs([k.numel() for k in _keep_sets(gates, order, n)]) / dense
+            return 1 - macs.macs(widths(n)) / dense
 
         grid = [achieved(n) for n in range(0, order.numel() + 1, max(1, order.numel() // 40))]
         assert all(a <= b + 1e-12 for a, b in zip(grid, grid[1:]))
         assert achieved(0) == pytest.approx(0) and grid[-1] > 0.9
-        pruned_count = method.threshold.n_pruned
-        assert method.threshold.iterations <= 20
-        widths = [pruned.get_submodule(g.producers[0]).out_channels for g in groups]
-        assert widths == [k.numel() for k in _keep_sets(gates, order, pruned_count)]
+        pruned_count = method.threshold.n
+        assert method.threshold.evaluations <= 20
+        got = [pruned.get_submodule(g.producers[0]).out_channels for g in groups]
+        assert got == widths(pruned_count)
         assert reduction == pytest.approx(achieved(pruned_count), abs=1e-12)  # analytic MACs == measured
         for other in (pruned_count - 1, pruned_count + 1):
             assert abs(reduction - target) <= abs(achieved(other) - target) + 1e-12, (target, reduction)
@@ -103,16 +109,20 @@ def test_bisection_hits_the_macs_target(name):
         assert abs(reduction - target) < 0.01
 
 
-def test_bisection_is_logarithmic():
-    gates = [torch.rand(64) for _ in range(10)]
-    calls = []
+class _Linear:
+    """A MACs model in which every channel costs 1 (what ``allocate`` needs: sizes, total, macs)."""
 
-    def macs_of(kept):
-        calls.append(kept)
+    def __init__(self, sizes):
+        self.sizes, self.total = sizes, float(sum(sizes))
+
+    def macs(self, kept):
         return float(sum(kept))
 
-    result = search_threshold(gates, macs_of, reference=640.0, target=0.37)
-    assert result.iterations == len(calls) <= 12  # ceil(log2(641)) + 1
+
+def test_bisection_is_logarithmic():
+    gates = [torch.rand(64) for _ in range(10)]
+    result = allocate(_Linear([64] * 10), gates, 0.37, allocation="global", normalise=False)
+    assert result.evaluations <= 12  # ceil(log2(641)) + 2
     assert result.reduction == pytest.approx(0.37, abs=1 / 640)
 
 

@@ -22,17 +22,22 @@ log = logging.getLogger(__name__)
 
 
 def _torchvision(builder_name: str) -> Callable[..., nn.Module]:
+    """A builder of torchvision's ``builder_name``. ``width_mult``: mobilenet_v2's own (it rounds
+    widths to multiples of 8); for the others every channel width is scaled by it after building
+    (``trainables.widen``: residual-joined channels share one width, the classifier's inputs follow,
+    the number of classes stays) and the weights are drawn afresh as torchvision draws them."""
     def build(num_classes: int, in_channels: int = 3, width_mult: float = 1.0) -> nn.Module:
         import torchvision.models as tvm
 
-        kwargs = {}
-        if width_mult != 1.0:
-            if builder_name != "mobilenet_v2":
-                raise ValueError(f"width_mult is only supported for mobilenet_v2 among torchvision models, got {builder_name}")
-            kwargs["width_mult"] = width_mult
+        from .widen import widen
+
+        native = builder_name == "mobilenet_v2"
+        kwargs = {"width_mult": width_mult} if native and width_mult != 1.0 else {}
         model = getattr(tvm, builder_name)(weights=None, num_classes=num_classes, **kwargs)
         if in_channels != 3:
             _replace_stem(model, in_channels)
+        if width_mult != 1.0 and not native:
+            widen(model, width_mult, linear_std=0.01 if builder_name.startswith("vgg") else None)
         return model
 
     return build

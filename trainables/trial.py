@@ -111,7 +111,8 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
         # The method's state travels on through the fine-tune (a later checkpoint carries it too).
         method.load_state_dict(state.get("method", {}))
     else:
-        model = method.prepare(_start_model(settings, method))
+        setup = PruneContext(input_shape, device=device, seed=settings.seed, reference_macs=dense_macs)
+        model = method.prepare(_start_model(settings, method), setup)
         if resume_from is not None:
             model.load_state_dict(torch.load(Path(resume_from) / PHASE_WEIGHTS, map_location="cpu", weights_only=True))
             method.load_state_dict(state["method"])
@@ -173,8 +174,11 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
         state["epoch"] = epoch + 1
         metrics = {"epoch": epoch + 1, "stage": stage, "loss": stats.loss, "train_accuracy": stats.accuracy,
                    "accuracy": accuracy, "val_loss": val_loss,
-                   "macs": _macs(method, model, input_shape, val_loader, pruned, dense_macs),
+                   **_cost_metrics(method, model, input_shape, val_loader, pruned, dense_macs),
                    "params": count_params(model), "epoch_seconds": stats.seconds}
+        if metrics.get("removed_nothing") and state["epoch"] == max(plan.phase_epochs, 1):  # the first pruned epoch
+            log.warning("%s removed nothing: the pruned model has the dense model's %d MACs (prune_ratio %s)",
+                        method_name, int(dense_macs), method.hparams.get("prune_ratio", "-"))
         if state["epoch"] == plan.total:
             metrics.update(_final_metrics(model, method, data, input_shape, settings, device, dense_macs, reference))
         state["history"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -183,7 +187,7 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
         metrics = {"epoch": state["epoch"], "stage": "finetune",
                    **_final_metrics(model, method, data, input_shape, settings, device, dense_macs, reference)}
         metrics["accuracy"], _ = evaluate(model, val_loader, device=device)
-        metrics["macs"] = _macs(method, model, input_shape, val_loader, pruned, dense_macs)
+        metrics.update(_cost_metrics(method, model, input_shape, val_loader, pruned, dense_macs))
         metrics["params"] = count_params(model)
         report(metrics, lambda d: _save(d, state, model, optimizer, method, pruned, spec))
     return metrics
@@ -213,6 +217,16 @@ def _macs(method, model, input_shape, val_loader, pruned, dense_macs) -> float:
     if not pruned:
         return float(dense_macs)
     return float(method.measure_macs(model, input_shape, val_loader))
+
+
+def _cost_metrics(method, model, input_shape, val_loader, pruned, dense_macs) -> dict[str, float]:
+    """``macs``, ``macs_reduction`` (1 - macs / dense: the axis ``prune_ratio`` targets) and, once
+    pruned, ``removed_nothing`` (1 when the cut left the dense MACs)."""
+    macs = _macs(method, model, input_shape, val_loader, pruned, dense_macs)
+    out = {"macs": macs, "macs_reduction": 1.0 - macs / float(dense_macs)}
+    if pruned:
+        out["removed_nothing"] = float(macs >= dense_macs)
+    return out
 
 
 #: The final latency measurement: untimed warm-up passes per model, then interleaved rounds of timed

@@ -1,0 +1,125 @@
+"""Whole-network pruning: ``prune_ratio`` is the fraction of the dense MACs removed (the analytic
+MACs model equals the measured MACs after surgery), uniform and global allocation, ``round_to``,
+the minimum width, and ``scope: all`` cutting residual-coupled groups (option-A shortcuts included)
+without changing what the network computes."""
+import copy
+
+import pytest
+import torch
+
+from methods import DependencyGraph, PruneContext, create_method, prune_group
+from methods.budget import MacsModel, allocate, keep_top, round_width
+from methods.cost import profile
+from methods.importance import l1_filter
+from trainables.models import create_model
+
+from helpers import randomise_bn
+
+CIFAR = (3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def resnet56():
+    torch.manual_seed(0)
+    return randomise_bn(create_model("resnet56", 10)).eval()
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("scope", ["internal", "all"])
+def test_analytic_macs_equal_measured_and_hit_the_target(resnet56, scope, allocation):
+    dense = profile(resnet56, CIFAR).macs
+    for target in (0.3, 0.6, 0.9 if scope == "all" else 0.45):
+        model = copy.deepcopy(resnet56)
+        graph = DependencyGraph(model)
+        groups = graph.prunable_groups(scope=scope)
+        scores = [l1_filter(graph, g) for g in groups]
+        macs = MacsModel(model, graph, groups, CIFAR)
+        plan = allocate(macs, scores, target, allocation=allocation)
+        for group, s, kept in zip(groups, scores, plan.kept):
+            if kept < group.size:
+                prune_group(graph, group, keep_top(s, kept))
+        measured = profile(model, CIFAR).macs
+        assert measured == pytest.approx(macs.macs(plan.kept), abs=0.5)  # exact, up to float rounding
+        assert 1 - measured / dense == pytest.approx(plan.reduction, abs=1e-9)
+        assert abs(plan.reduction - target) < 0.01, (target, plan.reduction)
+        assert plan.evaluations <= 16  # logarithmic in the number of channels (~2000)
+        model(torch.randn(2, *CIFAR))
+
+
+def test_global_allocation_removes_the_lowest_normalised_scores(resnet56):
+    graph = DependencyGraph(resnet56)
+    groups = graph.prunable_groups(scope="all")
+    scores = [l1_filter(graph, g) for g in groups]
+    plan = allocate(MacsModel(resnet56, graph, groups, CIFAR), scores, 0.6, allocation="global")
+    removed, kept = [], []
+    for s, k in zip(scores, plan.kept):
+        n = s / s.mean()
+        order = n.argsort(descending=True)
+        kept.append(n[order[:k]])
+        if k > 1:  # a group at its minimum width keeps its best channel whatever its score
+            removed.append(n[order[k:]])
+    assert torch.cat(removed).max() <= torch.cat(kept).min() + 1e-6
+    assert len(set(k / g.size for k, g in zip(plan.kept, groups))) > 3  # uneven widths, unlike uniform
+
+
+@pytest.mark.parametrize("round_to", [4, 8, 16])
+def test_round_to_keeps_every_width_a_multiple(resnet56, round_to):
+    method = create_method("l1_norm", prune_ratio=0.5, scope="all", allocation="global", round_to=round_to)
+    pruned = method.prune(resnet56, PruneContext(CIFAR))
+    widths = [m.out_channels for n, m in pruned.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % round_to == 0 for w in widths), widths
+    assert 1 - profile(pruned, CIFAR).macs / profile(resnet56, CIFAR).macs == pytest.approx(0.5, abs=0.05)
+
+
+def test_round_width_rules():
+    assert round_width(13, 64, round_to=8) == 16 and round_width(11, 64, round_to=8) == 8
+    assert round_width(2, 64, round_to=8) == 8  # at least one multiple
+    assert round_width(3, 10, round_to=16) == 10  # narrower than round_to: untouched
+    assert round_width(0, 64) == 1 and round_width(0, 64, min_channels=4) == 4
+    assert round_width(70, 64) == 64
+
+
+def test_no_group_loses_every_channel(resnet56):
+    for allocation in ("uniform", "global"):
+        pruned = create_method("l1_norm", prune_ratio=0.95, scope="all", allocation=allocation).prune(
+            resnet56, PruneContext(CIFAR))
+        assert min(m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)) >= 1
+        assert pruned(torch.randn(2, *CIFAR)).shape == (2, 10)
+
+
+@torch.no_grad()
+def _kill(model, producers, bns, channels):
+    """Make ``channels`` exactly zero after every add of a residual group: zero filters, gamma and beta."""
+    for name in producers:
+        model.get_submodule(name).weight[channels] = 0.0
+    for name in bns:
+        bn = model.get_submodule(name)
+        bn.weight[channels] = 0.0
+        bn.bias[channels] = 0.0
+
+
+def test_scope_all_cuts_residual_groups_and_pad_shortcuts_exactly():
+    """Dead channels of the stem group (conv1 + every stage-1 block output) and of the stage-2 group
+    (its zero-padded shortcut channels) output zero for every input; l1_norm with scope all ranks
+    them last, so a target that removes exactly them leaves the function unchanged, through the
+    option-A shortcuts that Torch-Pruning's graph does not model."""
+    torch.manual_seed(0)
+    model = randomise_bn(create_model("resnet20", 10)).eval()
+    graph = DependencyGraph(model)
+    stem = graph.group_of("conv1")
+    stage2 = graph.group_of("layer2.0.conv2")
+    _kill(model, stem.producers, graph.batch_norm_names(stem), [0, 5, 9])
+    pad = model.layer2[0].shortcut.source
+    zero_padded = (pad < 0).nonzero().flatten()[:4].tolist()
+    weighted = [p for p in stage2.producers if p != "layer2.0.shortcut"]
+    _kill(model, weighted, graph.batch_norm_names(stage2), zero_padded)
+    x = torch.randn(6, *CIFAR)
+    expected = model(x)
+    dense = profile(model, CIFAR).macs
+    sizes = [g.size for g in graph.prunable_groups(scope="all")]
+    kept = [s - (3 if g is stem else 4 if g is stage2 else 0) for g, s in zip(graph.prunable_groups(scope="all"), sizes)]
+    target = 1 - MacsModel(model, graph, graph.prunable_groups(scope="all"), CIFAR).macs(kept) / dense
+    pruned = create_method("l1_norm", prune_ratio=target, scope="all", allocation="global").prune(model, PruneContext(CIFAR))
+    assert pruned.conv1.out_channels == 13 and pruned.layer2[0].conv2.out_channels == 28
+    assert pruned.layer2[0].shortcut.in_channels == 13 and pruned.layer3[0].shortcut.in_channels == 28
+    assert torch.allclose(pruned(x), expected, atol=1e-5), (pruned(x) - expected).abs().max()
