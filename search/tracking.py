@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -31,8 +32,8 @@ from ray.tune import Callback
 
 from methods.errors import ConfigError
 
-__all__ = ["MLflowTrialLogger", "open_parent_run", "child_runs", "TRIAL_TAG", "PARENT_TAG", "SWEEP_TAG",
-           "LOGGED_METRICS", "LOGGED_TAGS"]
+__all__ = ["MLflowTrialLogger", "open_parent_run", "child_runs", "open_client", "absolute_uri", "sqlite_path",
+           "close_open_children", "TRIAL_TAG", "PARENT_TAG", "SWEEP_TAG", "LOGGED_METRICS", "LOGGED_TAGS"]
 
 log = logging.getLogger(__name__)
 TRIAL_TAG, PARENT_TAG, SWEEP_TAG = "prunetune.trial_id", "mlflow.parentRunId", "prunetune.sweep"
@@ -40,6 +41,71 @@ LOGGED_METRICS = ("loss", "train_accuracy", "accuracy", "val_loss", "macs", "par
                   "test_accuracy", "latency_ms", "dense_latency_ms", "latency_ratio", "dense_macs")
 #: String results (not metrics in MLflow): logged as tags of the trial's child run.
 LOGGED_TAGS = ("stage", "latency_model", "latency_device")
+
+
+#: How long a driver waits for another process that is creating or migrating the same SQLite database.
+STORE_LOCK_TIMEOUT_S = 600.0
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores or in-memory databases)."""
+    if urlparse(uri).scheme != "sqlite":
+        return None
+    path = unquote(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a relative SQLite path resolved against the current directory (other URIs as
+    they are): what a sweep records, so resume/fronts/promote work from any directory."""
+    db = sqlite_path(uri)
+    if db is None or db.is_absolute():
+        return uri
+    return "sqlite:///" + str(db.expanduser().resolve())
+
+
+def open_client(uri: str, *, create: bool = True) -> MlflowClient:
+    """An ``MlflowClient`` whose store is ready. For SQLite the database is created or migrated by
+    one process at a time (a file lock beside it): two drivers that first use a new database at once
+    would otherwise both create its tables and leave it broken for good. With ``create=False`` a
+    missing database is an error (reading a sweep must not leave an empty database behind). A
+    database that cannot be opened is one ConfigError line naming the file."""
+    from filelock import FileLock, Timeout
+
+    db = sqlite_path(uri)
+    client = MlflowClient(uri)
+    if db is None:
+        return client
+    if not db.is_file() and not create:
+        raise ConfigError(f"tracking_uri: the MLflow database {db} does not exist (moved or deleted?); "
+                          "pass --tracking-uri or move it back")
+    try:
+        with FileLock(str(db) + ".lock", timeout=STORE_LOCK_TIMEOUT_S):
+            client.search_experiments(max_results=1)  # builds the store: creates or migrates the schema
+    except Timeout:
+        raise ConfigError(f"tracking_uri: another process held the lock on {db}.lock for "
+                          f"{STORE_LOCK_TIMEOUT_S:.0f} s") from None
+    except OSError as exc:
+        raise ConfigError(f"tracking_uri: cannot lock {db}.lock ({exc.strerror or exc})") from None
+    except Exception as exc:  # noqa: BLE001  (MlflowException, sqlalchemy errors: a broken database)
+        raise ConfigError(f"tracking_uri: the MLflow database {db} is broken or unreadable "
+                          f"({_first_line(exc)})") from None
+    return client
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def close_open_children(client: MlflowClient, parent_run_id: str, status: str = "KILLED") -> int:
+    """Give every child run still RUNNING ``status`` (an interrupted or failed sweep); their count."""
+    n = 0
+    for run in child_runs(client, parent_run_id):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status=status)
+            n += 1
+    return n
 
 
 def _param_value(v: Any) -> str:
@@ -94,6 +160,7 @@ class MLflowTrialLogger(Callback):
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
         self._done: set[str] = set()
+        self._killed: set[str] = set()
         self._steps: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps already logged
         self._reconciled = False
 
@@ -107,13 +174,15 @@ class MLflowTrialLogger(Callback):
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
+            self._client = open_client(self.tracking_uri)
             for run in child_runs(self._client, self.parent_run_id):
                 tid = run.data.tags.get(TRIAL_TAG)
                 if tid:
                     self._runs[tid] = run.info.run_id
                     if run.info.status in ("FINISHED", "FAILED"):
                         self._done.add(tid)
+                    elif run.info.status == "KILLED":  # the sweep was interrupted while it ran
+                        self._killed.add(tid)
         return self._client
 
     def _logged_steps(self, run_id: str) -> dict[str, set[int]]:
@@ -145,6 +214,9 @@ class MLflowTrialLogger(Callback):
                 self.on_trial_complete(iteration=0, trials=trials, trial=trial)
             elif tid not in self._done and trial.status == "ERROR":
                 self.on_trial_error(iteration=0, trials=trials, trial=trial)
+            elif tid in self._killed:  # interrupted with the sweep; Tune continues it now
+                self.client.update_run(run_id, status="RUNNING")
+                self._killed.discard(tid)
 
     def _run_for(self, trial) -> str:
         client = self.client
