@@ -82,8 +82,17 @@ def _init_ray(cfg: SweepConfig) -> bool:
         ray.init(address=cfg.address, log_to_driver=False)
     else:
         # "local" always starts a fresh embedded node (a stale cluster file cannot redirect it), bound
-        # to loopback: nothing outside this machine needs to reach it.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        # to loopback: nothing outside this machine needs to reach it. Ray replaces a loopback
+        # _node_ip_address with the machine's address unless clusters are off (its setting for
+        # laptops); with 127.0.0.1 as the node's address, its gRPC servers and agents bind there.
+        from ray._private import ray_constants
+
+        clusters = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = clusters
     return True
 
 

@@ -73,15 +73,15 @@ def open_client(uri: str, *, create: bool = True) -> MlflowClient:
     from filelock import FileLock, Timeout
 
     db = sqlite_path(uri)
-    client = MlflowClient(uri)
     if db is None:
-        return client
+        return MlflowClient(uri)
     if not db.is_file() and not create:
         raise ConfigError(f"tracking_uri: the MLflow database {db} does not exist (moved or deleted?); "
                           "pass --tracking-uri or move it back")
     try:
         with FileLock(str(db) + ".lock", timeout=STORE_LOCK_TIMEOUT_S):
-            client.search_experiments(max_results=1)  # builds the store: creates or migrates the schema
+            client = MlflowClient(uri)  # MLflow 3 builds the store here: creates or migrates the schema
+            client.search_experiments(max_results=1)
     except Timeout:
         raise ConfigError(f"tracking_uri: another process held the lock on {db}.lock for "
                           f"{STORE_LOCK_TIMEOUT_S:.0f} s") from None
