@@ -27,7 +27,7 @@ def _cmd_run(args) -> int:
     from .config import load_config
     from .sweep import run_sweep
 
-    from .tracking import absolute_uri
+    from .store import absolute_uri
 
     cfg = load_config(args.config, args.set or [])
     result = run_sweep(cfg)

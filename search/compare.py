@@ -36,7 +36,8 @@ from .config import OBJECTIVES
 from .fronts import DIRECTIONS, TrialPoint, cost_label, plot_fronts, reference_point, sweep_points
 from .pareto import front, hypervolume
 from .sweep import STATE_FILE
-from .tracking import SWEEP_TAG, child_runs, open_client, sqlite_path
+from .store import open_client, sqlite_path
+from .tracking import SWEEP_TAG, child_runs
 
 __all__ = ["SweepRef", "FrontSeries", "resolve_sweep", "collect_fronts", "compare_fronts", "format_table",
            "add_fronts_command", "DEFAULT_TRACKING_URI"]

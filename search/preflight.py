@@ -229,7 +229,7 @@ def check_storage_path(location: str, name: str | None = None) -> None:
         if not existing.is_dir():
             raise ConfigError(f"storage_path: {existing} is not a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"storage_path: folder {existing} is not writable")
+            raise ConfigError(f"storage_path: cannot write in folder {existing} (no write permission)")
         _try_write(existing, "storage_path", name)
         return
     outcome: list[BaseException | None] = []

@@ -124,7 +124,8 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
     """Open (or reopen) the parent run, then ``_sweep``. However it ends, the parent run says how:
     FINISHED (with the front), KILLED (SIGINT/SIGTERM: resumable, no front) or FAILED (the reason
     in its ``failure_reason`` tag); children still RUNNING are closed as KILLED."""
-    from .tracking import close_open_children, open_client, open_parent_run
+    from .store import open_client
+    from .tracking import open_parent_run
 
     interrupts = Interrupts()
     with interrupts:
@@ -265,7 +266,7 @@ def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool)
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     from .preflight import preflight
-    from .tracking import absolute_uri
+    from .store import absolute_uri
 
     preflight(cfg)  # environment problems are one clear line before Ray or MLflow start
     # Recorded absolute in the state file, so resume, fronts and promote work from any directory.
@@ -294,7 +295,7 @@ def _recorded_uri(uri: str) -> str:
     """The sweep's tracking URI from its state file, checked before anything is touched: its SQLite
     database must still be where it was (a relative one, from older sweeps, is read against the
     current directory)."""
-    from .tracking import absolute_uri, sqlite_path
+    from .store import absolute_uri, sqlite_path
 
     db = sqlite_path(uri)
     if db is None:

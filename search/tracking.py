@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -31,6 +30,8 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from methods.errors import ConfigError
+
+from .store import absolute_uri, open_client, sqlite_path  # noqa: F401  (re-exported)
 
 __all__ = ["MLflowTrialLogger", "open_parent_run", "child_runs", "open_client", "absolute_uri", "sqlite_path",
            "close_open_children", "TRIAL_TAG", "PARENT_TAG", "SWEEP_TAG", "LOGGED_METRICS", "LOGGED_TAGS"]
@@ -41,61 +42,6 @@ LOGGED_METRICS = ("loss", "train_accuracy", "accuracy", "val_loss", "macs", "par
                   "test_accuracy", "latency_ms", "dense_latency_ms", "latency_ratio", "dense_macs")
 #: String results (not metrics in MLflow): logged as tags of the trial's child run.
 LOGGED_TAGS = ("stage", "latency_model", "latency_device")
-
-
-#: How long a driver waits for another process that is creating or migrating the same SQLite database.
-STORE_LOCK_TIMEOUT_S = 600.0
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (None for other stores or in-memory databases)."""
-    if urlparse(uri).scheme != "sqlite":
-        return None
-    path = unquote(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else ""
-    return Path(path) if path and path != ":memory:" else None
-
-
-def absolute_uri(uri: str) -> str:
-    """``uri`` with a relative SQLite path resolved against the current directory (other URIs as
-    they are): what a sweep records, so resume/fronts/promote work from any directory."""
-    db = sqlite_path(uri)
-    if db is None or db.is_absolute():
-        return uri
-    return "sqlite:///" + str(db.expanduser().resolve())
-
-
-def open_client(uri: str, *, create: bool = True) -> MlflowClient:
-    """An ``MlflowClient`` whose store is ready. For SQLite the database is created or migrated by
-    one process at a time (a file lock beside it): two drivers that first use a new database at once
-    would otherwise both create its tables and leave it broken for good. With ``create=False`` a
-    missing database is an error (reading a sweep must not leave an empty database behind). A
-    database that cannot be opened is one ConfigError line naming the file."""
-    from filelock import FileLock, Timeout
-
-    db = sqlite_path(uri)
-    if db is None:
-        return MlflowClient(uri)
-    if not db.is_file() and not create:
-        raise ConfigError(f"tracking_uri: the MLflow database {db} does not exist (moved or deleted?); "
-                          "pass --tracking-uri or move it back")
-    try:
-        with FileLock(str(db) + ".lock", timeout=STORE_LOCK_TIMEOUT_S):
-            client = MlflowClient(uri)  # MLflow 3 builds the store here: creates or migrates the schema
-            client.search_experiments(max_results=1)
-    except Timeout:
-        raise ConfigError(f"tracking_uri: another process held the lock on {db}.lock for "
-                          f"{STORE_LOCK_TIMEOUT_S:.0f} s") from None
-    except OSError as exc:
-        raise ConfigError(f"tracking_uri: cannot lock {db}.lock ({exc.strerror or exc})") from None
-    except Exception as exc:  # noqa: BLE001  (MlflowException, sqlalchemy errors: a broken database)
-        raise ConfigError(f"tracking_uri: the MLflow database {db} is broken or unreadable "
-                          f"({_first_line(exc)})") from None
-    return client
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def close_open_children(client: MlflowClient, parent_run_id: str, status: str = "KILLED") -> int:
