@@ -26,6 +26,7 @@ from trainables import storage
 
 from .config import SweepConfig, config_from_dict
 from .interrupts import Interrupts
+from .reaper import Reaper
 
 __all__ = ["run_sweep", "resume_sweep", "settings_from_config", "SweepResult", "SweepInterrupted", "STATE_FILE"]
 
@@ -70,8 +71,10 @@ def settings_from_config(cfg: SweepConfig):
     )
 
 
-def _init_ray(cfg: SweepConfig) -> bool:
-    """Join ``cfg.address`` or start an embedded local Ray; True if this call started it."""
+def _init_ray(cfg: SweepConfig) -> Reaper | bool:
+    """Join ``cfg.address`` or start an embedded local Ray. Falsy if Ray was running already; True
+    after joining a cluster; for an embedded node the ``Reaper`` that ends its processes with this
+    driver (``stop`` it after ``ray.shutdown``)."""
     import ray
 
     if ray.is_initialized():
@@ -80,20 +83,24 @@ def _init_ray(cfg: SweepConfig) -> bool:
     if cfg.address:
         log.info("joining Ray cluster at %s", cfg.address)
         ray.init(address=cfg.address, log_to_driver=False)
-    else:
-        # "local" always starts a fresh embedded node (a stale cluster file cannot redirect it), bound
-        # to loopback: nothing outside this machine needs to reach it. Ray replaces a loopback
-        # _node_ip_address with the machine's address unless clusters are off (its setting for
-        # laptops); with 127.0.0.1 as the node's address, its gRPC servers and agents bind there.
-        from ray._private import ray_constants
+        return True
+    # "local" always starts a fresh embedded node (a stale cluster file cannot redirect it), bound
+    # to loopback: nothing outside this machine needs to reach it. Ray replaces a loopback
+    # _node_ip_address with the machine's address unless clusters are off (its setting for
+    # laptops); with 127.0.0.1 as the node's address, its gRPC servers and agents bind there.
+    from ray._private import ray_constants
 
-        clusters = ray_constants.ENABLE_RAY_CLUSTER
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        try:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-        finally:
-            ray_constants.ENABLE_RAY_CLUSTER = clusters
-    return True
+    reaper = Reaper.start()
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    except BaseException:
+        reaper.stop()
+        raise
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
+    return reaper
 
 
 def _tune_location(exp_dir: str) -> tuple[str, dict[str, Any]]:
@@ -197,6 +204,8 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
     finally:
         if started:
             ray.shutdown()
+            if hasattr(started, "stop"):
+                started.stop()
 
 
 def _base_model(cfg: SweepConfig, settings, client, parent: str) -> dict[str, Any]:
