@@ -310,3 +310,22 @@ def test_failure_after_the_parent_run_exists_marks_it_failed(ray_local, tmp_path
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("late").experiment_id])
     assert run.info.status == "FAILED" and "base_models" in run.data.tags["failure_reason"]
+
+
+# ---- 6. NaN in a surgery's own fine-tune steps ----------------------------------------------------------------
+def test_thinet_nan_in_its_per_layer_finetune_ends_the_trial_failed(tmp_path):
+    """ThiNet fine-tunes after each pruned layer, inside the surgery: a NaN there ended in a raised
+    NonFiniteLossError (Tune retried the trial) where every other method's NaN ends the trial as
+    failed at once. Now the same: one report with the reason, the trial returns."""
+    from trainables.base_model import ensure_base_model
+    from trainables.settings import TrainSettings, TrialSettings
+    from trainables.trial import run_trial
+
+    settings = TrialSettings(base=TrainSettings(epochs=1), finetune=TrainSettings(epochs=2, lr=1e12),
+                             base_dir=str(tmp_path / "base"), use_gpu=False)
+    ensure_base_model(settings)
+    reports = []
+    metrics = run_trial(settings, "thinet", {"prune_ratio": 0.5, "finetune_steps": 5, "samples_per_layer": 64},
+                        lambda m, save: reports.append(m))
+    assert metrics["nonfinite"] == 1 and "training loss became" in metrics["failure_reason"]
+    assert reports == [metrics]
