@@ -64,6 +64,9 @@ def check_data(cfg: SweepConfig) -> None:
     from .sweep import settings_from_config
 
     field = "data_dir" if cfg.data_dir is not None and cfg.dataset != "digits" else "dataset"
+    if cfg.dataset == "imagefolder":  # scanning an ImageNet-sized tree here would cost minutes
+        _check_first_images(Path(cfg.data_dir))
+        return
     try:
         data = load_data(settings_from_config(cfg))
         for split in ("train", "val", "test"):
@@ -72,6 +75,22 @@ def check_data(cfg: SweepConfig) -> None:
         raise ConfigError(f"{field}: {cfg.dataset} at {cfg.data_dir} has an empty split") from None
     except Exception as exc:  # DataError, or whatever a decoder raises on a garbage file
         raise ConfigError(f"{field}: {cfg.dataset} does not load from {cfg.data_dir}: {_first(exc)}") from None
+
+
+def _check_first_images(root: Path) -> None:
+    """The first image of the first class of ``train/`` and ``val/`` decodes."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+
+    for split in ("train", "val"):
+        classes = sorted(p for p in (root / split).iterdir() if p.is_dir())
+        images = sorted(f for f in classes[0].iterdir() if f.suffix.lower() in IMG_EXTENSIONS) if classes else []
+        if not images:
+            raise ConfigError(f"data_dir: {root / split} has no class folder with images (imagefolder expects "
+                              f"{split}/<class>/<image>)")
+        try:
+            default_loader(str(images[0])).load()
+        except Exception as exc:  # PIL.UnidentifiedImageError, OSError: a truncated or garbage file
+            raise ConfigError(f"data_dir: {images[0]} does not decode as an image: {_first(exc)}") from None
 
 
 def _first(exc: BaseException) -> str:

@@ -282,10 +282,16 @@ def _bad_input(case: str, tmp_path: Path) -> tuple[list[str], str]:
     if case == "garbage_cifar":  # a DataError traceback after Ray started
         return ["dataset=cifar10", f"data_dir={_garbage_cifar(tmp_path)}"], \
             "prunetune: error: data_dir: cifar10 does not load from"
+    if case == "garbage_images":
+        for split in ("train", "val"):
+            (tmp_path / "imgs" / split / "cat").mkdir(parents=True)
+            (tmp_path / "imgs" / split / "cat" / "0.jpg").write_bytes(os.urandom(512))
+        return ["dataset=imagefolder", f"data_dir={tmp_path / 'imgs'}", "image_size=32"], \
+            f"prunetune: error: data_dir: {tmp_path / 'imgs' / 'train' / 'cat' / '0.jpg'} does not decode"
     return ["num_trials=1000000000000"], "prunetune: error: num_trials: must be an integer <= 100_000"
 
 
-@pytest.mark.parametrize("case", ["proc", "long_name", "garbage_cifar", "huge_num_trials"])
+@pytest.mark.parametrize("case", ["proc", "long_name", "garbage_cifar", "garbage_images", "huge_num_trials"])
 def test_bad_input_is_one_line_before_any_run(tmp_path, case, capfd):
     overrides, expected = _bad_input(case, tmp_path)
     code, err = _main(_sweep_args("methods=[l1_norm]", f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", *overrides),
