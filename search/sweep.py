@@ -140,6 +140,11 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
         parent = open_parent_run(client, cfg.name, parent_run_id, _flatten(cfg.to_dict()),
                                  {"prunetune.experiment_dir": str(exp_dir)})
         try:
+            if parent_run_id:  # resumed: what ended the previous driver no longer describes the run
+                tags = client.get_run(parent).data.tags
+                for key in ("prunetune.interrupted", "failure_reason"):
+                    if key in tags:
+                        client.delete_tag(parent, key)
             state = {"parent_run_id": parent, "tracking_uri": cfg.tracking_uri, "config": cfg.to_dict()}
             storage.write_text(storage.join(exp_dir, STATE_FILE), json.dumps(state, indent=1))
             log.info("MLflow parent run %s in experiment %r (%s)", parent, cfg.name, cfg.tracking_uri)

@@ -223,7 +223,7 @@ def test_sigint_then_resume_promote_and_fronts_from_another_directory(ray_local,
     out = capfd.readouterr()
     assert "Traceback" not in out.out + out.err, (out.out + out.err)[-4000:]
     parent = client.get_run(state["parent_run_id"])
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and "prunetune.interrupted" not in parent.data.tags
     children = child_runs(client, parent.info.run_id)
     assert len(children) == 2 and len({r.data.tags[TRIAL_TAG] for r in children}) == 2
     assert all(r.info.status == "FINISHED" for r in children), [r.info.status for r in children]
