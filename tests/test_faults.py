@@ -335,3 +335,42 @@ def test_thinet_nan_in_its_per_layer_finetune_ends_the_trial_failed(tmp_path):
                         lambda m, save: reports.append(m))
     assert metrics["nonfinite"] == 1 and "training loss became" in metrics["failure_reason"]
     assert reports == [metrics]
+
+
+# ---- 6. the embedded Ray ends with its driver ---------------------------------------------------------------
+EMBEDDED_DRIVER = """
+import sys, time
+import ray
+from search.config import load_config
+from search.sweep import _init_ray
+_init_ray(load_config(sys.argv[1], ["methods=[l1_norm]"]))
+ray.get(ray.remote(lambda: 1).remote())  # a worker, and the agents fully up
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_embedded_ray_ends_with_a_sigkilled_driver(tmp_path):
+    """SIGKILL to the driver alone (not its process group): Ray's GCS and raylet follow it, and
+    (before the reaper) ray::DashboardAgent and ray::RuntimeEnvAgent lingered for about a minute."""
+    mark = uuid.uuid4().hex
+    driver = subprocess.Popen([sys.executable, "-c", EMBEDDED_DRIVER, str(QUICKSTART)], cwd=tmp_path, env=_env(mark),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 60
+        while not [p for p in _marked(mark) if b"agent" in (proc_info(p) or (0, b""))[1].lower()]:
+            assert time.monotonic() < deadline, "no Ray agents found"
+            time.sleep(0.25)
+        driver.kill()
+        driver.wait(timeout=30)
+        left, deadline = _marked(mark), time.monotonic() + 10
+        while left and time.monotonic() < deadline:
+            time.sleep(0.25)
+            left = _marked(mark)
+        assert not left, [(p, (proc_info(p) or (0, b""))[1][:40]) for p in left]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        _kill_marked(mark)
