@@ -4,10 +4,11 @@ Ray ties its GCS and raylet to the driver that started them, but the raylet's ag
 (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) notice a dead raylet only after trying, for a
 minute, to tell the GCS (dead too) about it. So before ``ray.init`` the driver puts a token of its
 own in its environment (every Ray process it starts inherits it) and starts this watcher in a
-session of its own: ``python -m search.reaper PID STARTTIME TOKEN``. When the driver process is gone
-the watcher SIGKILLs every process that carries the token, by PID, and exits; when the driver shuts
+session of its own: ``python -m search.reaper PID STARTTIME TOKEN``. While the driver lives the
+watcher notes its descendants; when it is gone the watcher SIGKILLs those (by PID, checked against
+their start time) and every process that carries the token, and exits; when the driver shuts
 its Ray down normally it stops the watcher itself (``Reaper.stop``). Nothing without the token is
-touched.
+touched (the watcher, a child of the driver itself, leaves itself out).
 """
 from __future__ import annotations
 
@@ -83,15 +84,41 @@ class Reaper:
                 self.proc.wait()
 
 
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> start time of every live descendant of ``root``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+    out, todo = {}, [p for p in children.get(root, []) if p != os.getpid()]
+    while todo:
+        pid = todo.pop()
+        start = _start_time(pid)
+        if start is not None:
+            out[pid] = start
+        todo.extend(children.get(pid, []))
+    return out
+
+
 def watch(pid: int, start: str, token: str) -> int:
-    """Wait for process ``pid`` (started at ``start``) to end, then kill what carries ``token``."""
+    """Wait for process ``pid`` (started at ``start``) to end, then kill its processes: every
+    descendant seen while it lived (re-parented since; matched by start time, so a reused PID is
+    spared) and whatever still carries ``token`` in its environment (a process that renames itself,
+    like Ray's agents, may overwrite that, hence the tree too)."""
+    known: dict[int, str] = {}
     while _start_time(pid) == start:
+        known.update(_descendants(pid))
         time.sleep(POLL_S)
     for _ in range(20):  # a few rounds: a process may be mid-fork when the first round looks
-        pids = _carriers(token)
-        if not pids:
+        victims = [p for p, t in known.items() if _start_time(p) == t] + _carriers(token)
+        if not victims:
             break
-        for p in pids:
+        for p in set(victims):
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
