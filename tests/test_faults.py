@@ -374,3 +374,20 @@ def test_embedded_ray_ends_with_a_sigkilled_driver(tmp_path):
         if driver.poll() is None:
             driver.kill()
         _kill_marked(mark)
+
+
+# ---- 3. a sweep directory whose database moved ---------------------------------------------------------------
+@pytest.mark.parametrize("command", [["resume"], ["fronts"], ["promote", "--name", "m"]])
+def test_a_moved_database_is_one_line_and_nothing_is_created(tmp_path, capfd, command):
+    from search.config import load_config
+
+    exp_dir, db = tmp_path / "ray" / "moved-20260101-000000", tmp_path / "gone" / "mlflow.db"
+    exp_dir.mkdir(parents=True)
+    cfg = load_config(QUICKSTART, ["methods=[l1_norm]", f"tracking_uri=sqlite:///{db}"])
+    (exp_dir / STATE_FILE).write_text(json.dumps({"parent_run_id": "0" * 32, "tracking_uri": f"sqlite:///{db}",
+                                                  "config": cfg.to_dict()}))
+    code, err = _main(command[:1] + [str(exp_dir)] + command[1:], capfd)
+    assert code == 2 and "Traceback" not in err, err
+    (line,) = _errors(err)
+    assert str(db) in line and "no longer exists" in line, line
+    assert not db.parent.exists() and not (tmp_path / "mlflow.db").exists()
