@@ -12,14 +12,16 @@ Each case runs real ``prunetune`` processes (embedded Ray, SQLite MLflow) in a f
   resumed from another directory.
 * ``worker_sigkill``: the Ray worker process running a trial is SIGKILLed mid-trial (Tune retries it).
 * ``concurrent_first``: two sweeps at once on one fresh ``mlflow.db``, then a third.
-* ``promote_running``: ``prunetune promote DIR`` while the sweep runs (must refuse), then the sweep ends.
+* ``promote_running``: ``prunetune promote DIR`` as soon as the sweep's parent run exists (must
+  refuse: exit 2), then the sweep ends.
 * ``bad_*``: bad input that used to pass preflight (``storage_path=/proc/x``, a 200-character
   non-ASCII name, CIFAR-10 files that are garbage, ``num_trials: 1000000000000``).
 
 Columns: exit codes of the processes in order (fault run -> resume), runs lost (trials of the
 budget without a FINISHED MLflow run), runs doubled (MLflow runs beyond one per trial), the parent
 run's final status (``-`` when none was created), seconds lost (wall time of all the case's
-processes minus the baseline's; for bad input, the time to the error line).
+processes minus the baseline's; for ``concurrent_first``, the elapsed time of its three sweeps
+minus three baselines; for bad input, the time to the error line).
 """
 from __future__ import annotations
 
@@ -66,8 +68,9 @@ def _sweep(args, name: str, *extra: str) -> list[str]:
 class Case:
     """The processes of one case, their exit codes and wall time."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, baseline: float | None):
         self.work, self.mark, self.codes, self.wall = work, uuid.uuid4().hex, [], 0.0
+        self.baseline = baseline or 0.0
 
     def start(self, cmd: list[str], cwd: Path | None = None, log: str = "run.log") -> subprocess.Popen:
         out = open(self.work / log, "ab")
@@ -169,24 +172,39 @@ def _worker_case(args, case: Case) -> list[Path]:
 
 
 def _concurrent_case(args, case: Case) -> list[Path]:
+    """Two first sweeps side by side on one fresh database, then a third. ``wall`` is the elapsed
+    time (the pair's, then the third's) less what three sweeps cost one after another; ``run_case``
+    takes one baseline off, so two more come off here."""
+    t0 = time.perf_counter()
     procs = [case.start(_sweep(args, n), log=f"{n}.log") for n in ("x", "y")]
     for p in procs:
         case.finish(p)
-    wall = case.wall / 2  # they ran side by side
-    case.wall = wall
+    case.wall = time.perf_counter() - t0
     case.run(_sweep(args, "z"), log="z.log")
+    case.wall -= 2 * case.baseline
     return [Path(p).parent for p in sorted(glob.glob(str(case.work / "ray_results" / "*" / "prunetune_sweep.json")))]
 
 
 def _promote_case(args, case: Case) -> list[Path]:
+    """``prunetune promote`` as soon as the sweep's parent run exists (the sweep then still trains
+    its dense base, starts Ray and runs every trial), with twice the epochs so it is still running
+    when promote asks; the parent's status at that moment is printed."""
+    from mlflow.tracking import MlflowClient
+
     storage = case.work / "ray"
-    driver = case.start(_sweep(args, "m", f"tracking_uri=sqlite:///{case.work}/mlflow.db", f"storage_path={storage}"))
-    exp_dir = _wait_running(storage, driver)
+    driver = case.start(_sweep(args, "m", f"tracking_uri=sqlite:///{case.work}/mlflow.db", f"storage_path={storage}",
+                               f"finetune.epochs={2 * args.epochs}"))
+    while not glob.glob(str(storage / "*" / "prunetune_sweep.json")) and driver.poll() is None:
+        time.sleep(0.1)
+    exp_dir = Path(glob.glob(str(storage / "*" / "prunetune_sweep.json"))[0]).parent
     promote = subprocess.run(_cli() + ["promote", str(exp_dir), "--name", "m"], cwd=case.work, env=_env(case.mark),
                              capture_output=True, text=True)
+    state = json.loads((exp_dir / "prunetune_sweep.json").read_text())
+    status = MlflowClient(state["tracking_uri"]).get_run(state["parent_run_id"]).info.status
     case.finish(driver)
     case.codes.insert(0, promote.returncode)
-    print(f"  promote while running: exit {promote.returncode}: {promote.stderr.strip().splitlines()[-1]}", flush=True)
+    print(f"  promote while the parent was {status}: exit {promote.returncode}: "
+          f"{promote.stderr.strip().splitlines()[-1]}", flush=True)
     return [exp_dir]
 
 
@@ -209,7 +227,7 @@ def _bad_case(args, case: Case, which: str) -> list[Path]:
 def run_case(args, name: str, root: Path, baseline: float | None) -> dict:
     work = root / name
     work.mkdir()
-    case = Case(work)
+    case = Case(work, baseline)
     print(f"{name} ...", flush=True)
     try:
         if name == "baseline":
