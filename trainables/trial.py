@@ -146,8 +146,22 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
                                                    weight_decay=plan.finetune.weight_decay)
         log.info("%s pruned in %.1fs", method_name, time.perf_counter() - t0)
 
+    def failed(exc: NonFiniteLossError, epoch: int, stage: str) -> dict[str, Any]:
+        # The trial ends here, recorded as failed (searcher: FAIL; MLflow: FAILED with the reason).
+        # It returns instead of raising so Tune neither retries a deterministic failure nor throws
+        # away the worker. Metrics are NaN: Tune insists they are present. The same for a NaN in the
+        # surgery's own fine-tune steps (ThiNet's per-layer recovery) as in an epoch.
+        log.warning("%s: %s", method_name, exc)
+        out = {"epoch": epoch + 1, "stage": stage, "nonfinite": 1, "failure_reason": str(exc),
+               "accuracy": math.nan, "macs": math.nan}
+        report(out, lambda d: None)
+        return out
+
     if not pruned and plan.phase_epochs == 0:
-        prune_now()
+        try:
+            prune_now()
+        except NonFiniteLossError as exc:
+            return failed(exc, state["epoch"], "finetune")
 
     metrics: dict[str, Any] = {}
     while state["epoch"] < plan.total:
@@ -161,19 +175,12 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
         try:
             stats = train_epoch(model, train_loader, optimizer, device=device,
                                 method=method if stage == "phase" else None)
+            if stage == "phase":
+                method.on_epoch_end(model, epoch, stats.loss)
+            if stage == "phase" and epoch + 1 == plan.phase_epochs:
+                prune_now()
         except NonFiniteLossError as exc:
-            # The trial ends here, recorded as failed (searcher: FAIL; MLflow: FAILED with the
-            # reason). It returns instead of raising so Tune neither retries a deterministic
-            # failure nor throws away the worker. Metrics are NaN: Tune insists they are present.
-            log.warning("%s: %s", method_name, exc)
-            metrics = {"epoch": epoch + 1, "stage": stage, "nonfinite": 1, "failure_reason": str(exc),
-                       "accuracy": math.nan, "macs": math.nan}
-            report(metrics, lambda d: None)
-            return metrics
-        if stage == "phase":
-            method.on_epoch_end(model, epoch, stats.loss)
-        if stage == "phase" and epoch + 1 == plan.phase_epochs:
-            prune_now()
+            return failed(exc, epoch, stage)
         accuracy, val_loss = evaluate(model, val_loader, device=device)
         state["epoch"] = epoch + 1
         metrics = {"epoch": epoch + 1, "stage": stage, "loss": stats.loss, "train_accuracy": stats.accuracy,
