@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Sequence
 
 from mlflow.entities import Metric, RunTag
-from mlflow.tracking import MlflowClient
 
 from .front_html import SeriesSpec, TrialRecord, figure, sweep_trials, write_html
+from .store import open_client
 from .ui_links import artifact_url, run_url
 
 __all__ = ["ComparisonRun", "overlay_figure", "write_front_table", "log_comparison", "FRONTS_TAG"]
@@ -42,7 +42,7 @@ def _series_records(series, cache: dict[str, list[TrialRecord]]) -> list[TrialRe
     """The trials of one series: its points, and its sweep's failed / stopped / infeasible trials
     (of its method, for a by-method series)."""
     if series.parent_run_id not in cache:
-        cache[series.parent_run_id] = sweep_trials(MlflowClient(series.tracking_uri), series.parent_run_id,
+        cache[series.parent_run_id] = sweep_trials(open_client(series.tracking_uri, create=False), series.parent_run_id,
                                                    series.objective)
     ids = {p.run_id for p in series.points}
     return [r for r in cache[series.parent_run_id]
@@ -88,7 +88,7 @@ def log_comparison(series: Sequence, reference: tuple[float, float], png: Path) 
         log.warning("fronts: nothing to record in MLflow (no series)")
         return None
     first = series[0]
-    client = MlflowClient(first.tracking_uri)
+    client = open_client(first.tracking_uri, create=False)
     exp_id = client.get_run(first.parent_run_id).info.experiment_id
     html = write_html(overlay_figure(series, reference), png.with_suffix(".html"))
     table = write_front_table(series, reference, png.with_suffix(".csv"))

@@ -1,11 +1,14 @@
 """Promote the best model on a sweep's Pareto front to the MLflow Model Registry.
 
 ``prunetune promote EXPERIMENT --name NAME [--max-macs N | --max-latency-ratio R | --min-accuracy A]
-[--alias champion] [--latest]``
+[--alias champion] [--latest] [--allow-running]``
 
 EXPERIMENT is a sweep directory or an MLflow experiment name; a name means all its sweeps (the best
 over their fronts, and the output says which sweep it came from), ``--latest`` its latest only.
 
+0. The sweep must be finished (its parent run FINISHED): a running, interrupted or failed sweep has
+   no final front, so it is refused in one line unless ``--allow-running`` (of an experiment's
+   several sweeps, the unfinished ones are left out, with a warning naming them).
 1. Candidates: each sweep's front of (accuracy, its searched cost: MACs or ``latency_ratio``, per the
    sweep's ``objective``) (trial runs tagged ``pareto=true``; recomputed with ``search.pareto.front``
    when some finished trial has no ``pareto`` tag).
@@ -148,6 +151,18 @@ def select_candidate(candidates: Sequence[TrialPoint], max_macs: float | None = 
     return pick
 
 
+def _check_finished(ref: SweepRef, allow_running: bool) -> None:
+    """A sweep still running (or interrupted, or failed) has no final front: refuse, unless asked."""
+    status = ref.client().get_run(ref.parent_run_id).info.status
+    if status == "FINISHED":
+        return
+    if not allow_running:
+        raise ConfigError(f"promote: sweep {ref.label!r} is not finished (parent run {ref.parent_run_id} is {status}); "
+                          "wait for it or resume it, or pass --allow-running to promote from its front so far")
+    log.warning("promoting from sweep %s whose parent run is %s (--allow-running): its front may still change",
+                ref.label, status)
+
+
 # ---- the sweep's data ------------------------------------------------------------------------------------------
 def _param(value: str | None) -> Any:
     return None if value in (None, "None", "null", "") else value
@@ -207,9 +222,28 @@ def _metric_tags(p: TrialPoint, reevaluated: float) -> dict[str, str]:
     return tags
 
 
-def _choose(source, tracking_uri, latest, max_macs, min_accuracy, max_latency_ratio) -> tuple[SweepRef, TrialPoint]:
+def _finished_sweeps(refs: list[SweepRef], allow_running: bool) -> list[SweepRef]:
+    """The sweeps to promote from: one sweep must be finished (``_check_finished``); of several, the
+    unfinished ones are left out (with a warning), unless ``allow_running``."""
+    if len(refs) == 1 or allow_running:
+        for ref in refs:
+            _check_finished(ref, allow_running)
+        return refs
+    status = {r.parent_run_id: r.client().get_run(r.parent_run_id).info.status for r in refs}
+    done = [r for r in refs if status[r.parent_run_id] == "FINISHED"]
+    for r in refs:
+        if status[r.parent_run_id] != "FINISHED":
+            log.warning("sweep %s (parent run %s) is %s: left out (--allow-running to include it)", r.label,
+                        r.parent_run_id, status[r.parent_run_id])
+    if not done:
+        _check_finished(refs[-1], False)  # raises, naming the latest
+    return done
+
+
+def _choose(source, tracking_uri, latest, max_macs, min_accuracy, max_latency_ratio,
+            allow_running: bool = False) -> tuple[SweepRef, TrialPoint]:
     """(sweep, trial) to promote: the best under the budget over the fronts of ``source``'s sweeps."""
-    refs = resolve_sweeps(source, tracking_uri, latest)
+    refs = _finished_sweeps(resolve_sweeps(source, tracking_uri, latest), allow_running)
     owner: dict[str, SweepRef] = {}
     candidates: list[TrialPoint] = []
     for ref in refs:
@@ -250,7 +284,8 @@ def _register(client, uri: str, trial_run_id: str, promotion_run_id: str, name: 
 
 def promote(source: str | Path, name: str, max_macs: float | None = None, min_accuracy: float | None = None,
             alias: str = "champion", tracking_uri: str | None = None, tolerance: float = 0.005,
-            max_latency_ratio: float | None = None, latest: bool = False) -> PromotionResult:
+            max_latency_ratio: float | None = None, latest: bool = False,
+            allow_running: bool = False) -> PromotionResult:
     """Register the best front model of ``source`` under ``name`` and move ``alias`` to it: a sweep
     directory, or an experiment name (the best over all its sweeps; ``latest``: its latest sweep only).
 
@@ -273,7 +308,7 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
     if max_latency_ratio is not None and not (math.isfinite(max_latency_ratio) and max_latency_ratio > 0):
         raise ConfigError(f"promote: --max-latency-ratio must be a positive number, got {max_latency_ratio!r}")
 
-    ref, pick = _choose(source, tracking_uri, latest, max_macs, min_accuracy, max_latency_ratio)
+    ref, pick = _choose(source, tracking_uri, latest, max_macs, min_accuracy, max_latency_ratio, allow_running)
     log.info("promoting %s from sweep %s", _describe(pick), ref.label)
     data_settings = _data_settings(ref)
     client = ref.client()
@@ -343,7 +378,8 @@ def _cmd_promote(args, out: TextIO | None = None) -> int:
     try:
         result = promote(args.experiment, args.name, max_macs=args.max_macs, min_accuracy=args.min_accuracy,
                          alias=args.alias, tracking_uri=args.tracking_uri, tolerance=args.tolerance,
-                         max_latency_ratio=args.max_latency_ratio, latest=args.latest)
+                         max_latency_ratio=args.max_latency_ratio, latest=args.latest,
+                         allow_running=args.allow_running)
     except PromotionError as exc:
         print(f"prunetune: error: {exc}", file=sys.stderr)
         return VALIDATION_FAILED_EXIT
@@ -374,5 +410,7 @@ def add_promote_command(subparsers) -> argparse.ArgumentParser:
                    help=f"MLflow tracking URI for an experiment name (default: {DEFAULT_TRACKING_URI})")
     p.add_argument("--tolerance", type=float, default=0.005,
                    help="largest allowed |re-evaluated - recorded| test accuracy (default: 0.005)")
+    p.add_argument("--allow-running", action="store_true",
+                   help="promote even if the sweep's parent run is not FINISHED (running, interrupted, failed)")
     p.set_defaults(func=_cmd_promote)
     return p

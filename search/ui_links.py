@@ -62,12 +62,11 @@ def front_runs_url(tracking_uri: str, experiment_id: str, sweep_name: str, cost_
 def look_at_it(tracking_uri: str, parent_run_id: str, objective: str = "macs") -> str:
     """The lines a finished sweep prints: how to serve the UI (local store), the interactive front,
     and the front's trials in the runs table, cheapest first."""
-    from mlflow.tracking import MlflowClient
-
     from .config import COST_METRICS
     from .front_html import HTML_NAME
+    from .store import open_client
 
-    run = MlflowClient(tracking_uri).get_run(parent_run_id)
+    run = open_client(tracking_uri, create=False).get_run(parent_run_id)
     exp_id, name = run.info.experiment_id, run.info.run_name or parent_run_id
     command = ui_command(tracking_uri)
     lines = [f"look at it: {command}, then open" if command else "look at it:",
