@@ -1,7 +1,8 @@
 """``prunetune fronts`` recorded in MLflow: the overlay of the compared series as a run of the first
 sweep's experiment (named ``fronts-<time>``, tagged ``prunetune.fronts=true`` and with the compared
 sweep runs), holding the interactive overlay (HTML), the PNG and a CSV of every series' front with its
-hypervolume on the one common reference; each hypervolume is also a metric of the run.
+hypervolume on the one common reference; each hypervolume is also a metric of the run. Only the PNG
+stays on the local disk (``--out``).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import csv
 import logging
 import math
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,15 +85,22 @@ def _metric_key(label: str) -> str:
 
 
 def log_comparison(series: Sequence, reference: tuple[float, float], png: Path) -> ComparisonRun | None:
-    """Write the HTML and CSV beside ``png`` and log the three as a new run; None without series."""
+    """Log ``png`` with the overlay's HTML and CSV (named after it, written to a temporary folder: only
+    the PNG is left on disk) as a new run; None without series."""
     if not series:
         log.warning("fronts: nothing to record in MLflow (no series)")
         return None
+    with tempfile.TemporaryDirectory(prefix="prunetune-fronts-") as tmp:
+        html = write_html(overlay_figure(series, reference), Path(tmp) / f"{png.stem}.html")
+        table = write_front_table(series, reference, Path(tmp) / f"{png.stem}.csv")
+        return _log_run(series, (html, png, table))
+
+
+def _log_run(series: Sequence, paths: Sequence[Path]) -> ComparisonRun:
     first = series[0]
     client = open_client(first.tracking_uri, create=False)
     exp_id = client.get_run(first.parent_run_id).info.experiment_id
-    html = write_html(overlay_figure(series, reference), png.with_suffix(".html"))
-    table = write_front_table(series, reference, png.with_suffix(".csv"))
+    html = paths[0]
     sweeps = ",".join(dict.fromkeys(s.parent_run_id for s in series))
     run = client.create_run(exp_id, run_name=f"fronts-{time.strftime('%Y%m%d-%H%M%S')}",
                             tags={FRONTS_TAG: "true", "prunetune.fronts.sweep_runs": sweeps[:5000]})
@@ -101,7 +110,7 @@ def log_comparison(series: Sequence, reference: tuple[float, float], png: Path) 
         metrics = [Metric(_metric_key(s.label), s.hypervolume, now, 0) for s in series if math.isfinite(s.hypervolume)]
         tags = [RunTag("prunetune.fronts.series", ", ".join(s.label for s in series)[:5000])]
         client.log_batch(run_id, metrics=metrics, tags=tags)
-        for path in (html, png, table):
+        for path in paths:
             client.log_artifact(run_id, str(path))
         client.set_terminated(run_id, status="FINISHED")
     except BaseException:

@@ -271,9 +271,15 @@ def test_front_trials_in_the_runs_table_cheapest_first(tiny_sweep, ui_server, st
     assert sorted(shown) == sorted(names), "the table must list exactly the front's trials"
     macs = {r.info.run_name: r.data.metrics["macs"] for r in tagged}
     assert [macs[n] for n in shown] == sorted(macs.values()), "cheapest first"
-    # Each row links its trial's logged model too (the Models column, filled in after the rows).
-    steps.wait(lambda d: set(names) <= {a.text.strip() for a in d.find_elements(By.CSS_SELECTOR, "a[href*='/models/m-']")},
-               "each front trial's model in the runs table")
+    # Each row links its trial's model too (the Models column, filled in after the rows): the logged
+    # model, or the registered version once a trial was promoted.
+    model_link = re.compile(r"/models/(m-[0-9a-f]+|[^/?#]+/versions/\d+)")
+
+    def model_links(d):
+        return [a for a in d.find_elements(By.CSS_SELECTOR, "a[href*='/models/']")
+                if model_link.search(a.get_attribute("href") or "")]
+
+    steps.wait(lambda d: len(model_links(d)) >= len(names), "each front trial's model in the runs table")
     steps.shot("runs")
 
 
