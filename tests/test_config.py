@@ -347,7 +347,7 @@ def test_entries_for_unselected_methods_are_ignored_so_methods_can_be_overridden
     cfg = load_config("configs/quickstart.yaml", ["methods=[l1_norm, random]"])
     space = cfg.search_space()
     assert sorted(space) == ["l1_norm", "random"]
-    assert (space["l1_norm"]["prune_ratio"].low, space["l1_norm"]["prune_ratio"].high) == (0.3, 0.95)
+    assert (space["l1_norm"]["prune_ratio"].low, space["l1_norm"]["prune_ratio"].high) == (0.4, 0.95)
     assert space["l1_norm"]["scope"].choices == ("all",) and space["random"]["allocation"].choices == ("uniform", "global")
 
 
