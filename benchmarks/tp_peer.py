@@ -104,7 +104,7 @@ def run_peer_trial(base_dir: str, settings, params: dict) -> dict:
     section says (same optimizer, cosine schedule, loader seed), evaluate on the same val split."""
     torch.set_num_threads(1)  # one core per trial, as prunetune's trials get
     from methods.cost import profile
-    from trainables.data import make_loader
+    from trainables.device_data import trial_loader
     from trainables.model_io import load_model
     from trainables.train import cosine_lr, evaluate, train_epoch
     from trainables.workspace import load_data
@@ -123,8 +123,9 @@ def run_peer_trial(base_dir: str, settings, params: dict) -> dict:
     ft = settings.finetune
     device = torch.device("cpu")
     opt = torch.optim.SGD(model.parameters(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
-    train_loader = make_loader(data.train, ft.batch_size, shuffle=True, seed=settings.seed)
-    val_loader = make_loader(data.val, 256, shuffle=False)
+    # The loaders prunetune's trials use (digits: the whole split as tensors, seeded order).
+    train_loader = trial_loader(data.train, ft.batch_size, shuffle=True, seed=settings.seed, device=device)
+    val_loader = trial_loader(data.val, 256, shuffle=False, device=device)
     for epoch in range(ft.epochs):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(ft.lr, epoch, ft.epochs)
