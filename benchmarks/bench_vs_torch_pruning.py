@@ -222,8 +222,12 @@ def main(argv=None):
     print(f"self-check: Torch-Pruning through ChannelPadShortcut == zeroed dense model "
           f"(max output difference {check_shortcut_pruner():.1e})", flush=True)
     t0 = time.perf_counter()
-    results = {seed: one_seed(args, seed) for seed in args.seeds}
-    print_table(results)
+    results = {}
+    for seed in args.seeds:
+        results[seed] = one_seed(args, seed)
+        print_table({seed: results[seed]})  # so a seed's numbers are out even if a later one breaks
+    if len(results) > 1:
+        print_table(results)
     print(f"whole benchmark: {time.perf_counter() - t0:.0f} s")
 
 
