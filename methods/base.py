@@ -75,9 +75,6 @@ class PruningMethod(ABC):
     from_scratch: ClassVar[bool] = False
     #: The pruned model keeps all weights and skips channels per input (cost is an average).
     dynamic: ClassVar[bool] = False
-    #: The training phase, not the cut, reaches ``prune_ratio`` (ISTA removes only what its phase
-    #: zeroed); a phase too short to get there prunes less.
-    target_from_phase: ClassVar[bool] = False
 
     def __init__(self, **hparams: Any):
         declared = {hp.name: hp for hp in self.hyperparameters}

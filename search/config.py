@@ -259,6 +259,8 @@ class SweepConfig:
     latency_batch_size: int = 1
     download: bool = False
     calibration_batches: int = 4
+    #: torch.compile each pruned model for its fine-tune (pays on GPUs; slow to compile on CPUs).
+    compile: bool = False
     objective: str = "macs"
 
     def __post_init__(self) -> None:
@@ -308,6 +310,7 @@ class SweepConfig:
         set_("max_failures", _int(self.max_failures, "max_failures", -1, MAX_FAILURES))  # -1: retry forever (Ray)
         set_("latency_batch_size", _int(self.latency_batch_size, "latency_batch_size", 1, MAX_BATCH))
         set_("calibration_batches", _int(self.calibration_batches, "calibration_batches", 1, MAX_CALIBRATION_BATCHES))
+        set_("compile", _bool(self.compile, "compile"))
 
     # ---- field checks ---------------------------------------------------------------------------------
     def _checked_data_dir(self) -> str | None:

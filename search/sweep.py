@@ -66,7 +66,7 @@ def settings_from_config(cfg: SweepConfig):
         model=cfg.model, dataset=cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
         image_size=cfg.image_size, model_kwargs=dict(cfg.model_kwargs), seed=cfg.seed,
         base=train(cfg.base), finetune=train(cfg.finetune), latency_batch_size=cfg.latency_batch_size,
-        calibration_batches=cfg.calibration_batches, base_dir=storage.join(cfg.storage_path, "base_models"),
+        calibration_batches=cfg.calibration_batches, compile=cfg.compile, base_dir=storage.join(cfg.storage_path, "base_models"),
         use_gpu=cfg.resources_per_trial.gpu > 0,
     )
 

@@ -202,6 +202,7 @@ BAD = [
     ({"max_failures": -2}, ["max_failures: must be an integer >= -1, got -2"]),
     ({"latency_batch_size": 0}, ["latency_batch_size: must be an integer >= 1, got 0"]),
     ({"calibration_batches": 0}, ["calibration_batches: must be an integer >= 1, got 0"]),
+    ({"compile": "yes"}, ["compile: must be true or false, got 'yes'"]),
     ({"objective": "flops"}, ["objective: expected one of macs, latency, got 'flops'"]),
     ({"objective": None}, ["objective: expected one of macs, latency, got None"]),
 ]
@@ -346,7 +347,7 @@ def test_entries_for_unselected_methods_are_ignored_so_methods_can_be_overridden
     cfg = load_config("configs/quickstart.yaml", ["methods=[l1_norm, random]"])
     space = cfg.search_space()
     assert sorted(space) == ["l1_norm", "random"]
-    assert (space["l1_norm"]["prune_ratio"].low, space["l1_norm"]["prune_ratio"].high) == (0.3, 0.95)
+    assert (space["l1_norm"]["prune_ratio"].low, space["l1_norm"]["prune_ratio"].high) == (0.4, 0.95)
     assert space["l1_norm"]["scope"].choices == ("all",) and space["random"]["allocation"].choices == ("uniform", "global")
 
 
