@@ -180,6 +180,16 @@ def _series_traces(s: SeriesSpec, objective: str, colour: str, method_colours: d
     return traces
 
 
+def _dense_trace(s: SeriesSpec, objective: str) -> dict:
+    cost, accuracy = s.dense
+    cost_text = f"MACs: {_num(cost, ',.0f')}" if objective == "macs" else f"latency ratio: {_num(cost, '.3f')}"
+    return {"type": "scatter", "mode": "markers", "name": f"dense model ({s.label})",
+            "meta": {"role": "dense", "series": s.label, "faded": False, "method": None},
+            "x": [_x(cost, objective)], "y": [accuracy], "marker": {"symbol": "star", "size": 16, "color": DENSE_COLOUR},
+            "hovertext": [f"<b>dense model</b> ({s.label})<br>accuracy: {_num(accuracy, '.4f')}<br>{cost_text}"],
+            "hoverinfo": "text"}
+
+
 def figure(series: Sequence[SeriesSpec], objective: str, title: str) -> dict:
     """The plotly figure (plain dicts) of ``series``: earlier (faded) ones first, so they lie behind."""
     from .fronts import COST_AXIS
@@ -193,16 +203,7 @@ def figure(series: Sequence[SeriesSpec], objective: str, title: str) -> dict:
     for s in ordered:
         colour = "#222222" if s.by_method else colour_of.get(s.label, FADED_COLOUR)
         traces += _series_traces(s, objective, colour, method_colours)
-    for s in ordered:
-        if s.dense and not s.faded:
-            traces.append({"type": "scatter", "mode": "markers", "name": f"dense model ({s.label})",
-                           "meta": {"role": "dense", "series": s.label, "faded": False, "method": None},
-                           "x": [_x(s.dense[0], objective)], "y": [s.dense[1]],
-                           "marker": {"symbol": "star", "size": 16, "color": DENSE_COLOUR},
-                           "hovertext": [f"<b>dense model</b> ({s.label})<br>accuracy: {_num(s.dense[1], '.4f')}<br>"
-                                         f"{'MACs' if objective == 'macs' else 'latency ratio'}: "
-                                         f"{_num(s.dense[0], ',.0f' if objective == 'macs' else '.3f')}"],
-                           "hoverinfo": "text"})
+    traces += [_dense_trace(s, objective) for s in ordered if s.dense and not s.faded]
     layout = {"title": {"text": title}, "xaxis": {"title": {"text": COST_AXIS[objective]}},
               "yaxis": {"title": {"text": "validation accuracy"}}, "hovermode": "closest",
               "legend": {"orientation": "h", "yanchor": "top", "y": -0.18, "xanchor": "left", "x": 0},
