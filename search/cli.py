@@ -46,8 +46,7 @@ def _print_result(result, tracking_uri) -> None:
     out.write(f"\nsweep directory: {result.experiment_dir}\n")
     out.write(f"MLflow parent run: {result.parent_run_id}\n")
     out.write(f"trials finished: {result.finished}, failed: {result.failed}, hypervolume: {result.hypervolume:.6g}\n")
-    cost = "MACs" if result.objective == "macs" else "latency ratio (pruned / dense latency)"
-    out.write(f"Pareto front (validation accuracy vs {cost}):\n")
+    out.write(f"Pareto front ({_front_title(result)}):\n")
     out.write(f"  {'method':<10} {'accuracy':>9} {'test acc':>9} {'MACs':>12} {'params':>10} {'latency ms':>11} "
               f"{'lat ratio':>9}  run\n")
     for p in result.front:
@@ -55,6 +54,16 @@ def _print_result(result, tracking_uri) -> None:
                   f"{p.latency_ms:>11.3f} {p.latency_ratio:>9.3f}  {p.run_id}\n")
     if tracking_uri:
         out.write(f"\nlook at it: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1\n")
+
+
+def _front_title(result) -> str:
+    """``validation accuracy vs MACs`` (or the sweep's other objectives)."""
+    from . import objectives as _obj
+
+    names = tuple(getattr(result, "objectives", None) or _obj.SHORTHANDS[result.objective or "macs"])
+    if names == _obj.SHORTHANDS["latency"]:
+        return "validation accuracy vs latency ratio (pruned / dense latency)"
+    return " vs ".join("validation accuracy" if n == "accuracy" else _obj.get(n).label for n in names)
 
 
 def _cmd_methods(args) -> int:

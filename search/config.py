@@ -36,17 +36,20 @@ from methods.errors import ConfigError
 from methods.hyperparameters import Hyperparameter
 from methods.registry import get_method_class, list_methods
 
-__all__ = ["SweepConfig", "TrainConfig", "ResourcesConfig", "load_config", "config_from_dict", "SAMPLERS",
+from . import objectives as _objectives
+
+__all__ = ["SweepConfig", "TrainConfig", "ResourcesConfig", "EarlyStoppingConfig", "load_config", "config_from_dict", "SAMPLERS",
            "OBJECTIVES", "COST_METRICS", "check_objective"]
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "nsga2", "random")
-#: The searched cost (second objective, minimised; accuracy is the first, maximised) and the trial
-#: metric each one names: ``macs`` (batch 1, counted) or ``latency`` (pruned / dense latency, measured
-#: interleaved on the trial's device at the end of the trial).
-OBJECTIVES = ("macs", "latency")
-COST_METRICS = {"macs": "macs", "latency": "latency_ratio"}
+#: The ``objective`` shorthand (``search.objectives.SHORTHANDS``): ``macs`` (batch 1, counted) is
+#: ``objectives: [accuracy, macs]``; ``latency`` (pruned / dense latency, measured interleaved on the
+#: trial's device at the end of the trial) is ``objectives: [accuracy, latency_ratio]``.
+OBJECTIVES = tuple(_objectives.SHORTHANDS)
+#: The trial metric of each shorthand's cost.
+COST_METRICS = {k: v[1] for k, v in _objectives.SHORTHANDS.items()}
 
 
 def check_objective(objective: str) -> str:
@@ -54,6 +57,18 @@ def check_objective(objective: str) -> str:
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
     return objective
+
+
+def _checked_objectives(objective: Any, objectives: Any) -> tuple[str | None, tuple[str, ...]]:
+    """(shorthand or None, the objectives list). ``objectives``, when given, wins over ``objective``."""
+    if objectives is None:
+        check_objective(objective)
+        return objective, _objectives.SHORTHANDS[objective]
+    names = _objectives.check_names(objectives)
+    shorthand = next((k for k, v in _objectives.SHORTHANDS.items() if v == names), None)
+    if objective is not None and objective != shorthand:
+        log.info("objectives %s given: it replaces objective: %s", list(names), objective)
+    return shorthand, names
 
 _FALLBACK_DATASETS = ("cifar10", "cifar100", "digits", "imagefolder")
 _DIR_DATASETS = ("cifar10", "cifar100", "imagefolder")
@@ -217,6 +232,29 @@ class ResourcesConfig:
         return ResourcesConfig(cpu=int(cpu) if cpu.is_integer() else cpu, gpu=int(gpu) if gpu.is_integer() else gpu)
 
 
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """``successive_halving``: multi-objective successive halving (``search.early_stopping``) with
+    rungs at ``grace_epochs``, ``grace_epochs * reduction_factor``, ... fine-tune epochs; ``none``:
+    every trial runs its whole budget."""
+
+    type: str = "none"
+    grace_epochs: int = 1
+    reduction_factor: float = 2
+
+    def validated(self, where: str) -> "EarlyStoppingConfig":
+        if self.type not in EARLY_STOPPING:
+            raise ConfigError(f"{where}.type: expected one of {', '.join(EARLY_STOPPING)}, got {self.type!r}")
+        rf = _float(self.reduction_factor, f"{where}.reduction_factor", gt=1)
+        return EarlyStoppingConfig(type=self.type, grace_epochs=_int(self.grace_epochs, f"{where}.grace_epochs", 1),
+                                   reduction_factor=int(rf) if rf.is_integer() else rf)
+
+    @property
+    def enabled(self) -> bool:
+        return self.type != "none"
+
+
+EARLY_STOPPING = ("none", "successive_halving")
 _BASE_DEFAULT = TrainConfig(epochs=15, lr=0.1)
 _FINETUNE_DEFAULT = TrainConfig(epochs=5, lr=0.01)
 
@@ -252,7 +290,9 @@ class SweepConfig:
     latency_batch_size: int = 1
     download: bool = False
     calibration_batches: int = 4
-    objective: str = "macs"
+    objective: str | None = "macs"
+    objectives: tuple[str, ...] | None = None
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -284,7 +324,11 @@ class SweepConfig:
                                              ResourcesConfig()))
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler: unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
-        check_objective(self.objective)
+        shorthand, names = _checked_objectives(self.objective, self.objectives)
+        set_("objective", shorthand)
+        set_("objectives", names)
+        set_("early_stopping", _section(EarlyStoppingConfig, self.early_stopping, "early_stopping",
+                                        EarlyStoppingConfig()))
         set_("seed", _int(self.seed, "seed", 0, 2**32 - 1))
         set_("base", _section(TrainConfig, self.base, "base", _BASE_DEFAULT))
         set_("finetune", _section(TrainConfig, self.finetune, "finetune", _FINETUNE_DEFAULT))

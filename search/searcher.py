@@ -20,26 +20,27 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from .config import COST_METRICS
+from . import objectives as _objectives
 
 __all__ = ["ParetoOptunaSearch", "make_sampler", "objectives", "MODES", "FINAL_KEY", "EVERY_EPOCH"]
 
 log = logging.getLogger(__name__)
-MODES = ["max", "min"]
+#: The directions of the default objectives (accuracy, MACs); a sweep's own come from ``search.objectives``.
+MODES = list(_objectives.directions(_objectives.DEFAULT))
 #: Only a trial's last report carries this metric; its presence marks a finished trial.
 FINAL_KEY = "test_accuracy"
-#: Objectives every epoch's result carries (the others, e.g. ``latency_ratio``, only the final one).
-EVERY_EPOCH = ("accuracy", "macs")
+#: Metrics every epoch's result carries (the others, e.g. ``latency_ratio``, only the final one).
+EVERY_EPOCH = tuple(o.metric for o in _objectives.OBJECTIVES.values() if o.every_epoch)
 
 
 def objectives(objective: str = "macs") -> list[str]:
-    """The metric names Optuna optimises for a config's ``objective``: accuracy, then the cost."""
-    return ["accuracy", COST_METRICS[objective]]
+    """The metric names Optuna optimises for a config's ``objective`` shorthand: accuracy, then the cost."""
+    return _objectives.metrics(_objectives.SHORTHANDS[objective])
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -53,11 +54,15 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 class ParetoOptunaSearch(OptunaSearch):
-    """``objective`` is the config's (``macs`` or ``latency``): Optuna gets ``[accuracy, macs]`` or
-    ``[accuracy, latency_ratio]`` (max, min) from each finished trial's final result."""
+    """``objectives`` are the config's (names from ``search.objectives``, e.g. ``("accuracy",
+    "macs")``; ``objective`` is the shorthand, ``macs`` or ``latency``, used when ``objectives`` is
+    None): Optuna gets their metrics, in their directions, from each finished trial's final result."""
 
-    def __init__(self, space: Callable, sampler: optuna.samplers.BaseSampler, seed: int, objective: str = "macs"):
-        super().__init__(space=space, metric=objectives(objective), mode=MODES, sampler=sampler, seed=seed)
+    def __init__(self, space: Callable, sampler: optuna.samplers.BaseSampler, seed: int, objective: str = "macs",
+                 objectives: Sequence[str] | None = None):
+        names = tuple(objectives) if objectives is not None else _objectives.SHORTHANDS[objective]
+        super().__init__(space=space, metric=_objectives.metrics(names), mode=list(_objectives.directions(names)),
+                         sampler=sampler, seed=seed)
 
     @property
     def objectives(self) -> list[str]:

@@ -38,7 +38,8 @@ class SweepResult:
     hypervolume: float
     front: list = field(default_factory=list)
     base_metrics: dict[str, Any] = field(default_factory=dict)
-    objective: str = "macs"  # the config's: the front's cost is MACs or the latency ratio
+    objective: str | None = "macs"  # the config's shorthand (None for an objectives list that has none)
+    objectives: tuple = ("accuracy", "macs")  # the config's: the front's objectives
 
 
 def settings_from_config(cfg: SweepConfig):
@@ -83,7 +84,7 @@ def _tune_location(exp_dir: str) -> tuple[str, dict[str, Any]]:
     return path, {"storage_filesystem": fs}
 
 
-def _record_front(client, parent: str, exp_dir: str, dense_macs: float, objective: str) -> dict:
+def _record_front(client, parent: str, exp_dir: str, dense_macs, objective) -> dict:
     """``record_front`` writes the CSV and PNG into a folder and logs them to MLflow; for an object
     store that folder is temporary and its files are also copied to ``exp_dir/front``."""
     from .fronts import record_front
@@ -156,27 +157,31 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False, **tune_storage)
         else:
+            from .early_stopping import scheduler_and_callbacks
+
+            scheduler, extra_callbacks = scheduler_and_callbacks(cfg, parent)
             searcher = ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler(cfg.sampler, cfg.seed), cfg.seed,
-                                          objective=cfg.objective)
+                                          objectives=cfg.objectives)
             tuner = tune.Tuner(
                 trainable,
-                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cfg.num_trials,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.num_trials,
                                             max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
                 run_config=tune.RunConfig(
                     name=os.path.basename(tune_path), storage_path=os.path.dirname(tune_path), **tune_storage,
                     failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[tracker], verbose=1),
+                    callbacks=[tracker, *extra_callbacks], verbose=1),
             )
         tuner.fit()
         failed = sum(1 for r in child_runs(client, parent) if r.info.status == "FAILED")
-        dense_macs = profile(build_model(settings), tuple(load_data(settings).input_shape)).macs
-        summary = _record_front(client, parent, exp_dir, dense_macs, cfg.objective)
+        dense = profile(build_model(settings), tuple(load_data(settings).input_shape))
+        summary = _record_front(client, parent, exp_dir, {"dense_macs": dense.macs, "dense_params": dense.params},
+                                cfg.objectives)
         client.set_terminated(parent, status="FINISHED")
         log.info("sweep done: %d finished, %d failed; front of %d, hypervolume %.4g",
                  summary["trials"], failed, len(summary["front"]), summary["hypervolume"])
         return SweepResult(exp_dir if storage.is_uri(exp_dir) else Path(exp_dir), parent, summary["trials"], failed,
-                           summary["hypervolume"], summary["front"], base_metrics, cfg.objective)
+                           summary["hypervolume"], summary["front"], base_metrics, cfg.objective, cfg.objectives)
     except BaseException:
         client.set_terminated(parent, status="KILLED")
         raise

@@ -172,7 +172,9 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
             prune_now()
         accuracy, val_loss = evaluate(model, val_loader, device=device)
         state["epoch"] = epoch + 1
-        metrics = {"epoch": epoch + 1, "stage": stage, "loss": stats.loss, "train_accuracy": stats.accuracy,
+        # ``finetune_epoch``: epochs after the cut (0 in the phase), what early-stopping rungs count.
+        metrics = {"epoch": epoch + 1, "stage": stage, "finetune_epoch": max(0, epoch + 1 - plan.phase_epochs),
+                   "loss": stats.loss, "train_accuracy": stats.accuracy,
                    "accuracy": accuracy, "val_loss": val_loss,
                    **_cost_metrics(method, model, input_shape, val_loader, pruned, dense_macs),
                    "params": count_params(model), "epoch_seconds": stats.seconds}
