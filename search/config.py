@@ -37,6 +37,7 @@ from methods.hyperparameters import Hyperparameter
 from methods.registry import get_method_class, list_methods
 
 from . import objectives as _objectives
+from .constraints import ConstraintsConfig, narrow_space
 
 __all__ = ["SweepConfig", "TrainConfig", "ResourcesConfig", "EarlyStoppingConfig", "load_config", "config_from_dict", "SAMPLERS",
            "OBJECTIVES", "COST_METRICS", "check_objective"]
@@ -293,6 +294,7 @@ class SweepConfig:
     objective: str | None = "macs"
     objectives: tuple[str, ...] | None = None
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -311,6 +313,7 @@ class SweepConfig:
         set_("data_dir", self._checked_data_dir())
 
         set_("methods", self._checked_methods())
+        set_("constraints", _section(ConstraintsConfig, self.constraints, "constraints", ConstraintsConfig()))
         if self.space is None:  # `space:` with every entry commented out
             set_("space", {})
         if not isinstance(self.space, Mapping):
@@ -445,7 +448,7 @@ class SweepConfig:
             for name, spec in scoped.get(m, {}).items():
                 hps[name] = _narrow(hps[name], spec, f"space.{m}.{name}", m, False)
             out[m] = hps
-        return out
+        return narrow_space(out, self.constraints)  # prune_ratio >= 1 - constraints.max_macs_fraction
 
     # ---- serialisation ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

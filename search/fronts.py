@@ -126,11 +126,15 @@ def front_of(points: Sequence[TrialPoint], names: Sequence[str]) -> list[TrialPo
 
 
 def record_front(client: MlflowClient, parent_run_id: str, out_dir: Path,
-                 dense_macs: float | Mapping[str, float] | None = None, objective: str | Sequence[str] = "macs") -> dict:
+                 dense_macs: float | Mapping[str, float] | None = None, objective: str | Sequence[str] = "macs",
+                 constraints=None) -> dict:
     """Tag the front of the sweep's objectives (feasible trials only), log its CSV, PNG and
-    hypervolume to the parent run; return a summary."""
+    hypervolume to the parent run; return a summary. With ``constraints`` (a
+    ``search.constraints.ConstraintsConfig``) every finished trial is first tagged ``FEASIBLE_TAG``."""
     names = objective_names(objective)
     points = sweep_points(client, parent_run_id, names)
+    if constraints is not None and constraints.active:
+        _tag_feasibility(client, parent_run_id, constraints)
     feasible = {p.run_id for p in sweep_points(client, parent_run_id, names, feasible_only=True)}
     candidates = [p for p in points if p.run_id in feasible]
     best = front_of(candidates, names)
@@ -159,6 +163,19 @@ def record_front(client: MlflowClient, parent_run_id: str, out_dir: Path,
         client.log_metric(parent_run_id, "front_size", len(best))
     summary["front"] = best
     return summary
+
+
+def _tag_feasibility(client: MlflowClient, parent_run_id: str, constraints) -> None:
+    from .constraints import constraint_values, feasible
+
+    for run in child_runs(client, parent_run_id):
+        if run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics:
+            ok = feasible(constraints, run.data.metrics)
+            client.set_tag(run.info.run_id, FEASIBLE_TAG, "true" if ok else "false")
+            if not ok:
+                values = constraint_values(constraints, run.data.metrics)
+                client.set_tag(run.info.run_id, "prunetune.violated", ", ".join(
+                    name for name, v in zip(constraints.active, values) if v > 1e-12))
 
 
 CSV_COLUMNS = ["run_id", "method", "accuracy", "macs", "params", "test_accuracy", "latency_ms", "dense_latency_ms",

@@ -26,6 +26,7 @@ import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from . import objectives as _objectives
+from .constraints import ConstraintsConfig, constraint_values
 
 __all__ = ["ParetoOptunaSearch", "make_sampler", "objectives", "MODES", "FINAL_KEY", "EVERY_EPOCH"]
 
@@ -44,6 +45,9 @@ def objectives(objective: str = "macs") -> list[str]:
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The sampler. Budgets reach TPE and NSGA-II through each trial's constraint values (see
+    ``ParetoOptunaSearch``): Optuna 5 reads ``FrozenTrial.constraints`` whenever a trial has any,
+    and deprecates ``constraints_func`` in favour of ``Trial.set_constraint``."""
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8)
     if name == "nsga2":
@@ -59,7 +63,8 @@ class ParetoOptunaSearch(OptunaSearch):
     None): Optuna gets their metrics, in their directions, from each finished trial's final result."""
 
     def __init__(self, space: Callable, sampler: optuna.samplers.BaseSampler, seed: int, objective: str = "macs",
-                 objectives: Sequence[str] | None = None):
+                 objectives: Sequence[str] | None = None, constraints: ConstraintsConfig | None = None):
+        self.constraints = constraints if constraints is not None and constraints.active else None
         names = tuple(objectives) if objectives is not None else _objectives.SHORTHANDS[objective]
         super().__init__(space=space, metric=_objectives.metrics(names), mode=list(_objectives.directions(names)),
                          sampler=sampler, seed=seed)
@@ -100,6 +105,12 @@ class ParetoOptunaSearch(OptunaSearch):
             else:
                 log.warning("trial %s finished without finite %s (got %s): told FAIL", trial_id,
                             " and ".join(self.objectives), raw)
+        constraints = getattr(self, "constraints", None)  # None in searchers pickled before the field
+        if constraints is not None and result is not None and state != optuna.trial.TrialState.FAIL:
+            # Optuna's constraints (<= 0 feasible), one per budget, set before tell: TPE and NSGA-II
+            # read them from the finished trial (FrozenTrial.constraints) to learn the feasible region.
+            for name, value in zip(constraints.active, constraint_values(constraints, result)):
+                ot_trial.set_constraint(name, value)
         try:
             self._ot_study.tell(ot_trial, values, state=state)
         except (RuntimeError, ValueError) as exc:  # e.g. already finished in the study: keep the sweep going

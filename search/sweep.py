@@ -84,16 +84,18 @@ def _tune_location(exp_dir: str) -> tuple[str, dict[str, Any]]:
     return path, {"storage_filesystem": fs}
 
 
-def _record_front(client, parent: str, exp_dir: str, dense_macs, objective) -> dict:
+def _record_front(client, parent: str, exp_dir: str, dense_macs, objective, constraints=None) -> dict:
     """``record_front`` writes the CSV and PNG into a folder and logs them to MLflow; for an object
     store that folder is temporary and its files are also copied to ``exp_dir/front``."""
     from .fronts import record_front
 
     local = storage.local_path(exp_dir)
     if local is not None:
-        return record_front(client, parent, local / "front", dense_macs=dense_macs, objective=objective)
+        return record_front(client, parent, local / "front", dense_macs=dense_macs, objective=objective,
+                            constraints=constraints)
     with tempfile.TemporaryDirectory(prefix="prunetune-front-") as tmp:
-        summary = record_front(client, parent, Path(tmp), dense_macs=dense_macs, objective=objective)
+        summary = record_front(client, parent, Path(tmp), dense_macs=dense_macs, objective=objective,
+                               constraints=constraints)
         storage.upload_dir(tmp, storage.join(exp_dir, "front"))
     return summary
 
@@ -160,8 +162,9 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
             from .early_stopping import scheduler_and_callbacks
 
             scheduler, extra_callbacks = scheduler_and_callbacks(cfg, parent)
-            searcher = ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler(cfg.sampler, cfg.seed), cfg.seed,
-                                          objectives=cfg.objectives)
+            searcher = ParetoOptunaSearch(make_space(cfg.search_space()),
+                                          make_sampler(cfg.sampler, cfg.seed), cfg.seed,
+                                          objectives=cfg.objectives, constraints=cfg.constraints)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.num_trials,
@@ -176,7 +179,7 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
         failed = sum(1 for r in child_runs(client, parent) if r.info.status == "FAILED")
         dense = profile(build_model(settings), tuple(load_data(settings).input_shape))
         summary = _record_front(client, parent, exp_dir, {"dense_macs": dense.macs, "dense_params": dense.params},
-                                cfg.objectives)
+                                cfg.objectives, cfg.constraints)
         client.set_terminated(parent, status="FINISHED")
         log.info("sweep done: %d finished, %d failed; front of %d, hypervolume %.4g",
                  summary["trials"], failed, len(summary["front"]), summary["hypervolume"])

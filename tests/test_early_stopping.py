@@ -91,7 +91,9 @@ def test_bad_early_stopping_config_is_one_line(override, message):
 # ---- a real sweep ----------------------------------------------------------------------------------------------
 def test_sweep_stops_trials_prunes_them_in_optuna_and_keeps_them_off_the_front(ray_local, tmp_path):
     """4 trials, 2 fine-tune epochs, a rung after the first with reduction factor 4 (the worst
-    floor(3n/4) stop): later arrivals stop unless they are the best so far."""
+    floor(3n/4) stop): later arrivals stop unless they are the best so far. With a MACs budget
+    (max_macs_fraction 0.5): prune_ratio is sampled in [0.5, 0.8] only, every trial carries its
+    constraint in Optuna, and each finished one is tagged feasible exactly when it is."""
     import optuna
     from mlflow.tracking import MlflowClient
     from ray.tune.search import Searcher
@@ -105,6 +107,7 @@ def test_sweep_stops_trials_prunes_them_in_optuna_and_keeps_them_off_the_front(r
         "methods=[l1_norm, random]", "num_trials=4", "max_concurrent_trials=2", "base.epochs=2",
         "finetune.epochs=2", "space.prune_ratio=[0.2, 0.8]", "sampler=random", "name=es",
         "early_stopping={type: successive_halving, grace_epochs: 1, reduction_factor: 4}",
+        "constraints.max_macs_fraction=0.5",
         f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"storage_path={tmp_path}/ray_results"])
     result = run_sweep(cfg)
 
@@ -130,3 +133,17 @@ def test_sweep_stops_trials_prunes_them_in_optuna_and_keeps_them_off_the_front(r
     with open(result.experiment_dir / "front" / "pareto_front.csv") as f:
         assert {row["run_id"] for row in csv.DictReader(f)} == front_ids
     assert result.finished == len(complete)
+    # The budget: narrowed space, constraint values in the study, feasibility tags from the metrics.
+    dense = client.get_run(result.parent_run_id).data.metrics["dense_macs"]
+    for tid, ot in searcher._ot_trials.items():
+        frozen = searcher._ot_study.trials[ot.number]
+        method = frozen.params.get("method", "l1_norm")
+        assert frozen.params[f"{method}.prune_ratio"] >= 0.5
+        assert set(frozen.constraints) == {"max_macs_fraction"}
+        m = runs[tid].data.metrics
+        assert frozen.constraints["max_macs_fraction"] == pytest.approx(m["macs"] / dense - 0.5, abs=1e-9)
+    for tid in complete:
+        m = runs[tid].data.metrics
+        assert m["dense_macs"] == dense
+        want = "true" if m["macs"] / dense <= 0.5 + 1e-12 else "false"
+        assert runs[tid].data.tags["prunetune.feasible"] == want
