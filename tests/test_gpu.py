@@ -119,3 +119,28 @@ def test_cuda_trial_times_its_latency_on_the_gpu(tmp_path):
     assert math.isfinite(final["latency_ratio"]) and final["latency_ratio"] > 0
     assert final["dense_latency_ms"] > 0
     assert final["latency_ratio"] == pytest.approx(final["latency_ms"] / final["dense_latency_ms"], rel=1e-12)
+
+
+def test_device_resident_epoch_reads_the_device_only_at_its_checks():
+    """Digits on the GPU (DeviceLoader): 15 training steps sync the host only for the epoch-end
+    read-backs (non-finite check, loss, accuracy), never per step."""
+    import warnings
+
+    from trainables.device_data import DeviceLoader, trial_loader
+
+    loader = trial_loader(load("digits").train, 64, shuffle=True, device=CUDA)
+    assert isinstance(loader, DeviceLoader) and loader.images.is_cuda
+    model = create_model("resnet20", 10, in_channels=1).to(CUDA).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train_epoch(model, loader, opt, device=CUDA, max_steps=2)  # warm-up: lazy initialisations may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stats = train_epoch(model, loader, opt, device=CUDA, max_steps=15)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert stats.steps == 15 and math.isfinite(stats.loss)
+    assert len(syncs) <= 3, syncs

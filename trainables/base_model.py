@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import storage
-from .data import make_loader
+from .device_data import trial_loader
 from .model_io import model_spec, save_model
 from .models import create_model
 from .settings import TrialSettings
@@ -71,8 +71,9 @@ def ensure_base_model(settings: TrialSettings) -> tuple[str, dict]:
         model = model.to(memory_format=torch.channels_last)
     cfg = settings.base
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=settings.seed)
-    val_loader = make_loader(data.val, 256, shuffle=False)
+    workers = max(0, torch.get_num_threads() - 1)
+    loader = trial_loader(data.train, cfg.batch_size, shuffle=True, seed=settings.seed, device=device, num_workers=workers)
+    val_loader = trial_loader(data.val, 256, shuffle=False, device=device, num_workers=workers)
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         for group in optimizer.param_groups:
@@ -81,7 +82,7 @@ def ensure_base_model(settings: TrialSettings) -> tuple[str, dict]:
         acc, _ = evaluate(model, val_loader, device=device)
         log.info("base %s epoch %d/%d loss %.4f val accuracy %.4f", settings.model, epoch + 1, cfg.epochs, stats.loss, acc)
     val_acc, _ = evaluate(model, val_loader, device=device)
-    test_acc, _ = evaluate(model, make_loader(data.test, 256, shuffle=False), device=device)
+    test_acc, _ = evaluate(model, trial_loader(data.test, 256, shuffle=False, device=device), device=device)
     metrics = {"accuracy": val_acc, "test_accuracy": test_acc, "epochs": cfg.epochs,
                "seconds": time.perf_counter() - start, "key": settings.base_key()}
     spec = model_spec(model, settings.model, data.num_classes, in_channels=data.input_shape[0], **settings.model_kwargs)

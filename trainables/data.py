@@ -144,6 +144,7 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A ``DataLoader`` whose order (and worker seeds) come from a generator seeded with ``seed``."""
     if batch_size < 1:
@@ -158,6 +159,7 @@ def make_loader(
         drop_last=drop_last,
         generator=generator,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )
 
 
@@ -180,6 +182,12 @@ class TensorImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.targets[index])
 
+    def device_arrays(self):
+        """The split as tensors for ``trainables.device_data.DeviceLoader`` (already normalised)."""
+        from .device_data import DeviceArrays
+
+        return DeviceArrays(self.images, self.targets)
+
 
 class TransformedSubset(Dataset):
     """The items ``indices`` of ``base`` (which yields ``(PIL image, label)``) with ``transform``."""
@@ -200,6 +208,27 @@ class TransformedSubset(Dataset):
     def targets(self) -> list[int]:
         base_targets = self.base.targets  # type: ignore[attr-defined]
         return [int(base_targets[i]) for i in self.indices]
+
+
+class CifarSubset(TransformedSubset):
+    """A CIFAR split: ``TransformedSubset`` that can also hand its raw ``uint8`` images to a
+    ``DeviceLoader`` (with the same normalisation and augmentation, done on the device)."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int], transform: Callable[[Any], torch.Tensor], *,
+                 mean: tuple[float, ...], std: tuple[float, ...], augment: bool, resized: bool) -> None:
+        super().__init__(base, indices, transform)
+        self.mean, self.std, self.augment, self.resized = mean, std, augment, resized
+
+    def device_arrays(self):
+        """The split's images as stored (N, 32, 32, 3 uint8), or None when a resize is asked (the
+        device path does not resize)."""
+        from .device_data import DeviceArrays
+
+        if self.resized:
+            return None
+        images = torch.from_numpy(np.ascontiguousarray(self.base.data[self.indices]))  # type: ignore[attr-defined]
+        targets = torch.as_tensor(self.targets, dtype=torch.int64)
+        return DeviceArrays(images, targets, self.mean, self.std, pad_crop=4 if self.augment else 0, flip=self.augment)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,10 +323,14 @@ def _load_cifar(name: str, root: Path, *, download: bool, image_size: int | None
 
     train_idx, val_idx = _split_indices(train_base.targets, val_fraction, seed, what=f"{name} at {str(folder)!r}")
     num_classes = len(train_base.classes)
+
+    def split(base, indices, transform, augmented):
+        return CifarSubset(base, indices, transform, mean=mean, std=std, augment=augmented, resized=bool(resize))
+
     return DataSplits(
-        train=TransformedSubset(train_base, train_idx, train_tf),
-        val=TransformedSubset(train_base, val_idx, eval_tf),
-        test=TransformedSubset(test_base, range(len(test_base)), eval_tf),
+        train=split(train_base, train_idx, train_tf, augment),
+        val=split(train_base, val_idx, eval_tf, False),
+        test=split(test_base, range(len(test_base)), eval_tf, False),
         num_classes=num_classes,
         input_shape=(3, size, size),
         name=name,

@@ -16,7 +16,7 @@ from methods.base import PruningMethod
 from methods.errors import PruneTuneError
 
 __all__ = ["EpochStats", "NonFiniteLossError", "train_epoch", "train_step", "evaluate", "train_steps", "pick_device",
-           "cosine_lr"]
+           "cosine_lr", "NONFINITE_CHECK_EVERY"]
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,23 @@ def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
     return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / max(1, epochs)))
 
 
+#: Steps between the checks for a non-finite loss (a check reads one value back from the device).
+NONFINITE_CHECK_EVERY = 16
+
+
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, device: torch.device,
                 method: PruningMethod | None = None, max_steps: int | None = None) -> EpochStats:
-    """One pass over ``loader`` (or ``max_steps`` batches), calling the method's hooks if given."""
+    """One pass over ``loader`` (or ``max_steps`` batches), calling the method's hooks if given.
+
+    Loss and accuracy accumulate on the device and are read once, at the end: no host sync per
+    step. A non-finite loss is detected on the device and raised (NonFiniteLossError) at the next
+    check, every ``NONFINITE_CHECK_EVERY`` steps and at the end; the trial ends there anyway."""
     model.train()
-    start, total_loss, correct, seen, steps = time.perf_counter(), 0.0, 0, 0, 0
+    start, steps, seen = time.perf_counter(), 0, 0
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    first_bad = torch.full((), math.nan, device=device)  # the first non-finite loss, once there is one
+    bad = torch.zeros((), dtype=torch.bool, device=device)
     for inputs, targets in loader:
         if max_steps is not None and steps >= max_steps:
             break
@@ -65,17 +77,30 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         loss, logits = train_step(model, inputs, targets, optimizer, method=method, step=steps)
         steps += 1
-        total_loss += loss.item() * targets.numel()
-        correct += (logits.argmax(1) == targets).sum().item()
+        loss = loss.detach()
+        now_bad = ~torch.isfinite(loss)
+        first_bad = torch.where(now_bad & ~bad, loss, first_bad)
+        bad |= now_bad
+        total_loss += loss * targets.numel()
+        correct += (logits.argmax(1) == targets).sum()
         seen += targets.numel()
-    return EpochStats(total_loss / max(1, seen), correct / max(1, seen), time.perf_counter() - start, steps)
+        if steps % NONFINITE_CHECK_EVERY == 0:
+            _raise_if_nonfinite(bad, first_bad, steps)
+    _raise_if_nonfinite(bad, first_bad, steps)
+    return EpochStats(float(total_loss) / max(1, seen), int(correct) / max(1, seen), time.perf_counter() - start, steps)
+
+
+def _raise_if_nonfinite(bad: torch.Tensor, first_bad: torch.Tensor, steps: int) -> None:
+    if bool(bad):
+        raise NonFiniteLossError(f"training loss became {float(first_bad)} at or before step {steps}")
 
 
 def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer, *,
                method: PruningMethod | None = None, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch already on the model's device: forward (bf16 autocast on
     CUDA), cross-entropy plus the method's extra loss, backward, the method's hooks around the
-    optimizer step. Returns ``(loss, logits)``; raises NonFiniteLossError before the update."""
+    optimizer step. Returns ``(loss, logits)``. No host sync: the caller checks the loss
+    (``train_epoch`` does, on the device)."""
     with _autocast(inputs.device):
         logits = model(inputs)
         loss = F.cross_entropy(logits.float(), targets)
@@ -83,8 +108,6 @@ def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, op
             extra = method.extra_loss(model, inputs, logits.float(), targets)
             if extra is not None:
                 loss = loss + extra
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"training loss became {loss.item()} at step {step}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if method is not None:
@@ -99,15 +122,17 @@ def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, op
 def evaluate(model: nn.Module, loader, *, device: torch.device) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) over ``loader`` in eval mode."""
     model.eval()
-    correct, seen, total_loss = 0, 0, 0.0
+    seen = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
     for inputs, targets in loader:
-        inputs, targets = inputs.to(device), targets.to(device)
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with _autocast(device):
             logits = model(inputs).float()
-        total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
-        correct += (logits.argmax(1) == targets).sum().item()
+        total_loss += F.cross_entropy(logits, targets, reduction="sum")
+        correct += (logits.argmax(1) == targets).sum()
         seen += targets.numel()
-    return correct / max(1, seen), total_loss / max(1, seen)
+    return int(correct) / max(1, seen), float(total_loss) / max(1, seen)
 
 
 def train_steps(model: nn.Module, loader, steps: int, *, lr: float, device: torch.device,

@@ -33,7 +33,7 @@ from methods.base import PruningMethod
 from methods.cost import count_params, latencies, profile
 
 from .base_model import build_model, fetch_base_model
-from .data import make_loader
+from .device_data import trial_loader
 from .model_io import load_model, model_spec, save_model
 from .settings import TrainSettings, TrialSettings
 from .train import NonFiniteLossError, cosine_lr, evaluate, pick_device, train_epoch, train_steps
@@ -44,6 +44,7 @@ __all__ = ["run_trial", "TrialSettings", "Reporter", "STATE_FILE", "MODEL_DIR"]
 log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, Any], Callable[[Path], None]], None]
 STATE_FILE, MODEL_DIR, PHASE_WEIGHTS = "state.pt", "model", "phase_model.pt"
+EVAL_BATCH = 256
 
 
 @dataclass
@@ -84,8 +85,11 @@ def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any]
     data = load_data(settings)
     input_shape = tuple(data.input_shape)
     plan = _plan(settings, method)
-    train_loader = make_loader(data.train, plan.finetune.batch_size, shuffle=True, seed=settings.seed)
-    val_loader = make_loader(data.val, 256, shuffle=False)
+    # Digits and CIFAR live on the trial's device (no loader processes); ImageFolder gets workers.
+    workers = max(0, torch.get_num_threads() - 1)
+    train_loader = trial_loader(data.train, plan.finetune.batch_size, shuffle=True, seed=settings.seed, device=device,
+                                num_workers=workers)
+    val_loader = trial_loader(data.val, EVAL_BATCH, shuffle=False, device=device, num_workers=workers)
     # The unpruned architecture: its MACs now, its latency beside the pruned model's at the end. Built
     # before the streams are seeded below, so drawing its random weights changes nothing.
     reference = _reference_model(settings)
@@ -247,7 +251,7 @@ def _final_metrics(model, method: PruningMethod, data, input_shape, settings, de
     bf16 autocast; else CPU), interleaved in this process (``methods.cost.latencies``), at batch
     ``settings.latency_batch_size``. ``latency_ratio`` = pruned / dense median: comparable across
     nodes of different speed, which the raw milliseconds are not."""
-    test_accuracy, _ = evaluate(model, make_loader(data.test, 256, shuffle=False), device=device)
+    test_accuracy, _ = evaluate(model, trial_loader(data.test, EVAL_BATCH, shuffle=False, device=device), device=device)
     model.eval()
     timed = method.inference_model(model, batch_size=settings.latency_batch_size)
     pruned_lat, dense_lat = latencies([timed, reference], input_shape, batch_size=settings.latency_batch_size,
