@@ -295,6 +295,7 @@ class SweepConfig:
     objectives: tuple[str, ...] | None = None
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    warm_start: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -330,6 +331,7 @@ class SweepConfig:
         shorthand, names = _checked_objectives(self.objective, self.objectives)
         set_("objective", shorthand)
         set_("objectives", names)
+        set_("warm_start", _checked_warm_start(self.warm_start))
         set_("early_stopping", _section(EarlyStoppingConfig, self.early_stopping, "early_stopping",
                                         EarlyStoppingConfig()))
         set_("seed", _int(self.seed, "seed", 0, 2**32 - 1))
@@ -487,6 +489,19 @@ def _section(cls: type, value: Any, where: str, default: Any) -> Any:
         raise ConfigError(f"{where}: must be a mapping, got {value!r}")
     _check_keys(value, [f.name for f in dataclasses.fields(cls)], where)
     return dataclasses.replace(default, **value).validated(where)
+
+
+def _checked_warm_start(value: Any) -> tuple[str, ...]:
+    """Sweep directories (made absolute) or MLflow experiment names, checked when the sweep starts."""
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"warm_start: must be a list of sweep directories or experiment names, got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        item = _str(item, f"warm_start[{i}]")
+        out.append(_abspath(item) if not _is_uri(item) and Path(_abspath(item)).is_dir() else item)
+    return tuple(out)
 
 
 def _checked_tracking_uri(uri: Any) -> str:

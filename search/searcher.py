@@ -69,6 +69,10 @@ class ParetoOptunaSearch(OptunaSearch):
         super().__init__(space=space, metric=_objectives.metrics(names), mode=list(_objectives.directions(names)),
                          sampler=sampler, seed=seed)
 
+    def add_trials(self, trials) -> None:
+        """Add finished trials (``search.warm_start``) to the study before the first suggestion."""
+        self._ot_study.add_trials(trials)
+
     @property
     def objectives(self) -> list[str]:
         """What Optuna optimises (in order, with ``MODES``)."""

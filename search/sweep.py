@@ -100,7 +100,7 @@ def _record_front(client, parent: str, exp_dir: str, dense_macs, objective, cons
     return summary
 
 
-def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: bool) -> SweepResult:
+def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: bool, warm: list = ()) -> SweepResult:
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
@@ -165,6 +165,8 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
             searcher = ParetoOptunaSearch(make_space(cfg.search_space()),
                                           make_sampler(cfg.sampler, cfg.seed), cfg.seed,
                                           objectives=cfg.objectives, constraints=cfg.constraints)
+            if warm:
+                searcher.add_trials(warm)  # earlier sweeps' finished trials, before the first suggestion
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.num_trials,
@@ -197,8 +199,15 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     from .preflight import preflight
 
     preflight(cfg)  # environment problems are one clear line before Ray or MLflow start
+    warm = []
+    if cfg.warm_start:  # refused in one line (other model or dataset) before Ray or the new run start
+        from .space import make_space
+        from .warm_start import warm_start_trials
+
+        warm = warm_start_trials(cfg, make_space(cfg.search_space()))
     exp_dir = storage.join(cfg.storage_path, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return _run(cfg, exp_dir if storage.is_uri(exp_dir) else str(Path(exp_dir).resolve()), None, restore=False)
+    return _run(cfg, exp_dir if storage.is_uri(exp_dir) else str(Path(exp_dir).resolve()), None, restore=False,
+                warm=warm)
 
 
 def resume_sweep(experiment_dir: str | os.PathLike) -> SweepResult:
