@@ -21,6 +21,11 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("matplotlib", "alembic", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:  # search.progress prints one line per trial; the MLflow logger's own is a debug detail
+        logging.getLogger("search.tracking").setLevel(logging.WARNING)
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _cmd_run(args) -> int:
@@ -45,7 +50,11 @@ def _print_result(result, tracking_uri) -> None:
     out = sys.stdout
     out.write(f"\nsweep directory: {result.experiment_dir}\n")
     out.write(f"MLflow parent run: {result.parent_run_id}\n")
-    out.write(f"trials finished: {result.finished}, failed: {result.failed}, hypervolume: {result.hypervolume:.6g}\n")
+    stopped = getattr(result, "stopped", 0)
+    infeasible = getattr(result, "infeasible", 0)
+    out.write(f"trials finished: {result.finished}, stopped early: {stopped}, failed: {result.failed}"
+              f"{f', outside the constraints: {infeasible}' if infeasible else ''}, "
+              f"hypervolume: {result.hypervolume:.6g}\n")
     out.write(f"Pareto front ({_front_title(result)}):\n")
     out.write(f"  {'method':<10} {'accuracy':>9} {'test acc':>9} {'MACs':>12} {'params':>10} {'latency ms':>11} "
               f"{'lat ratio':>9}  run\n")

@@ -288,6 +288,7 @@ class SweepConfig:
     image_size: int | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     max_failures: int = 1
+    checkpoint_period_s: float = 10
     latency_batch_size: int = 1
     download: bool = False
     calibration_batches: int = 4
@@ -344,6 +345,8 @@ class SweepConfig:
         if self.image_size is not None:
             set_("image_size", _int(self.image_size, "image_size", 1))
         set_("model_kwargs", self._checked_model_kwargs())
+        period = _float(self.checkpoint_period_s, "checkpoint_period_s", ge=0)
+        set_("checkpoint_period_s", int(period) if period.is_integer() else period)
         set_("max_failures", _int(self.max_failures, "max_failures", -1))  # -1: retry forever (Ray)
         set_("latency_batch_size", _int(self.latency_batch_size, "latency_batch_size", 1))
         set_("calibration_batches", _int(self.calibration_batches, "calibration_batches", 1))

@@ -125,7 +125,7 @@ class MultiObjectiveHalving(FIFOScheduler):
             reference = _obj.reference(self.names, {}, points)
             if stopped_at_rung(points, ids.index(trial_id), directions, reference, self.reduction_factor):
                 self.stopped[trial_id] = (number, ft)
-                log.info("trial %s stopped at rung %d (fine-tune epoch %d): among the worst %d of %d there",
+                log.debug("trial %s stopped at rung %d (fine-tune epoch %d): among the worst %d of %d there",
                          trial_id, number, ft, math.floor(len(ids) * (1 - 1 / self.reduction_factor) + 1e-9),
                          len(ids))
                 return TrialScheduler.STOP

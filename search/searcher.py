@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import optuna
@@ -49,7 +50,9 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     ``ParetoOptunaSearch``): Optuna 5 reads ``FrozenTrial.constraints`` whenever a trial has any,
     and deprecates ``constraints_func`` in favour of ``Trial.set_constraint``."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8)
+        with warnings.catch_warnings():  # `group` is marked experimental; we rely on it knowingly
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "random":

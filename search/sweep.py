@@ -40,6 +40,8 @@ class SweepResult:
     base_metrics: dict[str, Any] = field(default_factory=dict)
     objective: str | None = "macs"  # the config's shorthand (None for an objectives list that has none)
     objectives: tuple = ("accuracy", "macs")  # the config's: the front's objectives
+    stopped: int = 0     # trials stopped early (search.early_stopping)
+    infeasible: int = 0  # finished trials outside the config's constraints (kept off the front)
 
 
 def settings_from_config(cfg: SweepConfig):
@@ -142,7 +144,8 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
             if key not in logged:  # a resumed sweep logged them already
                 client.log_metric(parent, key, value)
 
-        trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings),
+        trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings,
+                                                             checkpoint_period_s=cfg.checkpoint_period_s),
                                         {"cpu": res.cpu, "gpu": res.gpu})
         tracker = MLflowTrialLogger(cfg.tracking_uri, parent)
         tune_path, tune_storage = _tune_location(exp_dir)
@@ -161,7 +164,10 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
         else:
             from .early_stopping import scheduler_and_callbacks
 
+            from .progress import ProgressLines, tune_verbosity
+
             scheduler, extra_callbacks = scheduler_and_callbacks(cfg, parent)
+            extra_callbacks.append(ProgressLines(cfg.num_trials, scheduler))
             searcher = ParetoOptunaSearch(make_space(cfg.search_space()),
                                           make_sampler(cfg.sampler, cfg.seed), cfg.seed,
                                           objectives=cfg.objectives, constraints=cfg.constraints)
@@ -175,10 +181,15 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
                     name=os.path.basename(tune_path), storage_path=os.path.dirname(tune_path), **tune_storage,
                     failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[tracker, *extra_callbacks], verbose=1),
+                    callbacks=[tracker, *extra_callbacks], verbose=tune_verbosity()),
             )
-        tuner.fit()
-        failed = sum(1 for r in child_runs(client, parent) if r.info.status == "FAILED")
+        from .progress import tune_environment, tune_verbosity
+
+        with tune_environment(cfg.checkpoint_period_s, tune_verbosity()):
+            tuner.fit()
+        children = child_runs(client, parent)
+        failed = sum(1 for r in children if r.info.status == "FAILED")
+        stopped = sum(1 for r in children if "prunetune.stopped_at_rung" in r.data.tags)
         dense = profile(build_model(settings), tuple(load_data(settings).input_shape))
         summary = _record_front(client, parent, exp_dir, {"dense_macs": dense.macs, "dense_params": dense.params},
                                 cfg.objectives, cfg.constraints)
@@ -186,7 +197,8 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
         log.info("sweep done: %d finished, %d failed; front of %d, hypervolume %.4g",
                  summary["trials"], failed, len(summary["front"]), summary["hypervolume"])
         return SweepResult(exp_dir if storage.is_uri(exp_dir) else Path(exp_dir), parent, summary["trials"], failed,
-                           summary["hypervolume"], summary["front"], base_metrics, cfg.objective, cfg.objectives)
+                           summary["hypervolume"], summary["front"], base_metrics, cfg.objective, cfg.objectives,
+                           stopped, summary.get("infeasible", 0))
     except BaseException:
         client.set_terminated(parent, status="KILLED")
         raise

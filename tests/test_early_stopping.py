@@ -89,38 +89,50 @@ def test_bad_early_stopping_config_is_one_line(override, message):
 
 
 # ---- a real sweep ----------------------------------------------------------------------------------------------
-def test_sweep_stops_trials_prunes_them_in_optuna_and_keeps_them_off_the_front(ray_local, tmp_path):
-    """4 trials, 2 fine-tune epochs, a rung after the first with reduction factor 4 (the worst
-    floor(3n/4) stop): later arrivals stop unless they are the best so far. With a MACs budget
-    (max_macs_fraction 0.5): prune_ratio is sampled in [0.5, 0.8] only, every trial carries its
-    constraint in Optuna, and each finished one is tagged feasible exactly when it is."""
+def test_sweep_stops_trials_prunes_them_in_optuna_and_keeps_them_off_the_front(ray_local, tmp_path, capfd, caplog):
+    """`prunetune run`: 4 trials, 2 fine-tune epochs, a rung after the first with reduction factor 4
+    (the worst floor(3n/4) stop): later arrivals stop unless they are the best so far. With a MACs
+    budget (max_macs_fraction 0.5): prune_ratio is sampled in [0.5, 0.8] only, every trial carries
+    its constraint in Optuna, and each finished one is tagged feasible exactly when it is. The
+    output: one progress line per trial, no Tune tables, no snapshot warnings."""
+    import logging
+    import re
+    from pathlib import Path
+
     import optuna
     from mlflow.tracking import MlflowClient
     from ray.tune.search import Searcher
 
+    from search.cli import main
     from search.early_stopping import STOPPED_EPOCH_TAG, STOPPED_RUNG_TAG
     from search.searcher import ParetoOptunaSearch
-    from search.sweep import run_sweep
     from search.tracking import TRIAL_TAG, child_runs
 
-    cfg = load_config("configs/quickstart.yaml", [
+    overrides = [
         "methods=[l1_norm, random]", "num_trials=4", "max_concurrent_trials=2", "base.epochs=2",
         "finetune.epochs=2", "space.prune_ratio=[0.2, 0.8]", "sampler=random", "name=es",
         "early_stopping={type: successive_halving, grace_epochs: 1, reduction_factor: 4}",
         "constraints.max_macs_fraction=0.5",
-        f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"storage_path={tmp_path}/ray_results"])
-    result = run_sweep(cfg)
+        f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"storage_path={tmp_path}/ray_results"]
+    caplog.set_level(logging.INFO, logger="search.progress")
+    assert main(["run", "configs/quickstart.yaml", *[a for o in overrides for a in ("--set", o)]]) == 0
+    out, err = capfd.readouterr()
+    exp_dir = Path(re.search(r"^sweep directory: (.+)$", out, re.M).group(1))
+    finished, stopped_count = map(int, re.search(r"trials finished: (\d+), stopped early: (\d+)", out).groups())
+    cfg = load_config("configs/quickstart.yaml", overrides)
 
     searcher = ParetoOptunaSearch.__new__(ParetoOptunaSearch)
-    Searcher.restore_from_dir(searcher, str(result.experiment_dir))
+    Searcher.restore_from_dir(searcher, str(exp_dir))
     states = {tid: searcher._ot_study.trials[t.number].state for tid, t in searcher._ot_trials.items()}
     assert len(states) == 4
     client = MlflowClient(cfg.tracking_uri)
-    runs = {r.data.tags[TRIAL_TAG]: r for r in child_runs(client, result.parent_run_id)}
+    parent_run_id = re.search(r"^MLflow parent run: (\w+)$", out, re.M).group(1)
+    runs = {r.data.tags[TRIAL_TAG]: r for r in child_runs(client, parent_run_id)}
     assert set(runs) == set(states)
     pruned = {tid for tid, st in states.items() if st == optuna.trial.TrialState.PRUNED}
     complete = {tid for tid, st in states.items() if st == optuna.trial.TrialState.COMPLETE}
     assert pruned and complete and pruned | complete == set(states)
+    assert (finished, stopped_count) == (len(complete), len(pruned))
     for tid in pruned:
         run = runs[tid]
         assert run.info.status == "KILLED"
@@ -128,13 +140,13 @@ def test_sweep_stops_trials_prunes_them_in_optuna_and_keeps_them_off_the_front(r
         assert run.data.tags.get("pareto") != "true" and "test_accuracy" not in run.data.metrics
     for tid in complete:
         assert runs[tid].info.status == "FINISHED" and STOPPED_RUNG_TAG not in runs[tid].data.tags
-    front_ids = {p.run_id for p in result.front}
+    with open(exp_dir / "front" / "pareto_front.csv") as f:
+        front_ids = {row["run_id"] for row in csv.DictReader(f)}
     assert front_ids and front_ids <= {runs[t].info.run_id for t in complete}
-    with open(result.experiment_dir / "front" / "pareto_front.csv") as f:
-        assert {row["run_id"] for row in csv.DictReader(f)} == front_ids
-    assert result.finished == len(complete)
+    assert front_ids == {r.info.run_id for r in runs.values() if r.data.tags.get("pareto") == "true"}
+
     # The budget: narrowed space, constraint values in the study, feasibility tags from the metrics.
-    dense = client.get_run(result.parent_run_id).data.metrics["dense_macs"]
+    dense = client.get_run(parent_run_id).data.metrics["dense_macs"]
     for tid, ot in searcher._ot_trials.items():
         frozen = searcher._ot_study.trials[ot.number]
         method = frozen.params.get("method", "l1_norm")
@@ -147,3 +159,14 @@ def test_sweep_stops_trials_prunes_them_in_optuna_and_keeps_them_off_the_front(r
         assert m["dense_macs"] == dense
         want = "true" if m["macs"] / dense <= 0.5 + 1e-12 else "false"
         assert runs[tid].data.tags["prunetune.feasible"] == want
+
+    # The output: one line per trial, each with the sweep's progress; no Tune tables or snapshot warnings.
+    lines = [r.getMessage() for r in caplog.records if r.name == "search.progress"]
+    assert len(lines) == 4 and all(re.match(r"\[\d/4 done, [0-2] running\] trial \w+ \((l1_norm|random)\) ", ln)
+                                   for ln in lines)
+    assert sorted(int(ln[1]) for ln in lines) == [1, 2, 3, 4]
+    for tid in pruned:
+        assert sum(f"trial {tid} " in ln and "stopped at rung 1 (fine-tune epoch 1)" in ln for ln in lines) == 1
+    for tid in complete:
+        assert sum(f"trial {tid} " in ln and " finished: " in ln for ln in lines) == 1
+    assert "╭" not in out + err and "Trial status" not in out + err and "snapshotting" not in out + err
