@@ -163,7 +163,6 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
                                        resume_errored=False, restart_errored=False, **tune_storage)
         else:
             from .early_stopping import scheduler_and_callbacks
-
             from .progress import ProgressLines, tune_verbosity
 
             scheduler, extra_callbacks = scheduler_and_callbacks(cfg, parent)
