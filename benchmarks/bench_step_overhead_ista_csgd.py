@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from methods import create_method
+from methods import PruneContext, create_method
 from trainables.models import create_model
 from trainables.train import train_step
 
@@ -35,9 +35,9 @@ def make_runner(name, dense, inputs, targets):
         optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     else:
         method_name, _, variant = name.partition(":")
-        kwargs = {"include_residual": True} if variant == "residual" else {}
+        kwargs = {"scope": "all"} if variant == "residual" else {}
         method = create_method(method_name, **kwargs)
-        model = method.prepare(model)
+        model = method.prepare(model, PruneContext(tuple(inputs.shape[1:])))
         optimizer = method.make_optimizer(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
     def step():

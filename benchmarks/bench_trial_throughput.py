@@ -48,6 +48,9 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
+    ap.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
+    ap.add_argument("--no-cudnn-benchmark", action="store_true",
+                    help="leave cuDNN's algorithm search off (trials turn it on: trainables.train.pick_device)")
     return ap.parse_args(argv)
 
 
@@ -128,6 +131,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     with tempfile.TemporaryDirectory(prefix="prunetune-throughput-") as tmp:
         write_cifar10(Path(tmp), args.images)
         data = load_written(Path(tmp))
@@ -146,7 +150,7 @@ def child(args) -> None:
         model = create_model(args.model, 10).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        step_model = torch.compile(model) if args.compile else model
+        step_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
         return step_model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     sides = {"prunetune": fresh(), "plain": fresh()}
@@ -163,8 +167,10 @@ def child(args) -> None:
             torch.cuda.synchronize()
 
     for name in sides:  # warm-up (and compilation)
+        t0 = time.perf_counter()
         run(name)
-    sync()
+        sync()
+        print(f"warm-up epoch {name}: {time.perf_counter() - t0:.1f}s", flush=True)
     rates = {name: [] for name in sides}
     for r in range(args.rounds):
         for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
@@ -174,7 +180,7 @@ def child(args) -> None:
             rates[name].append(n / (time.perf_counter() - t0))
     print(f"{args.model} batch {args.batch}, {n} images/epoch, device {args.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, threads {args.threads}, "
-          f"compile {args.compile}, rounds {args.rounds}, allocator env {os.environ.get(CHILD_ENV, '-')}")
+          f"compile {args.compile and args.compile_mode}, cudnn.benchmark {torch.backends.cudnn.benchmark}, rounds {args.rounds}, allocator env {os.environ.get(CHILD_ENV, '-')}")
     print(f"{'loop':<10} {'img/s min':>10} {'median':>10} {'max':>10} {'epoch s (median)':>17}")
     for name, v in rates.items():
         print(f"{name:<10} {min(v):>10.0f} {statistics.median(v):>10.0f} {max(v):>10.0f} {n / statistics.median(v):>17.2f}")

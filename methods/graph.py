@@ -231,14 +231,12 @@ class DependencyGraph:
                 return g
         raise KeyError(f"no channel group is produced by {producer!r}")
 
-    def prunable_groups(self, *, include_residual: bool = False, scope: str | None = None) -> list[ChannelGroup]:
-        """Groups that may lose channels: the block-internal ones, or with ``include_residual`` (or
-        ``scope="all"``) every prunable group, residual-coupled ones included."""
-        if scope is not None:
-            if scope not in ("internal", "all"):
-                raise SurgeryError(f"scope: expected internal or all, got {scope!r}")
-            include_residual = scope == "all"
-        return [g for g in self.groups if g.prunable and (include_residual or g.internal)]
+    def prunable_groups(self, *, scope: str = "internal") -> list[ChannelGroup]:
+        """Groups that may lose channels: the block-internal ones (``scope="internal"``), or every
+        prunable group, residual-coupled ones included (``"all"``)."""
+        if scope not in ("internal", "all"):
+            raise SurgeryError(f"scope: expected internal or all, got {scope!r}")
+        return [g for g in self.groups if g.prunable and (scope == "all" or g.internal)]
 
     def batch_norm_names(self, group: ChannelGroup) -> list[str]:
         """The affine batch norms that normalise the group's channels (one per conv producer of a
@@ -249,9 +247,3 @@ class DependencyGraph:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
                 out.append(name)
         return out
-
-    def bn_of(self, group: ChannelGroup) -> nn.BatchNorm2d | None:
-        """The batch norm right after the group's (single) producer, if any."""
-        name = self.next_module.get(group.producers[0])
-        return self.model.get_submodule(name) if name else None
-

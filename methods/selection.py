@@ -15,7 +15,7 @@ from .graph import ChannelGroup, DependencyGraph
 from .importance import Score
 from .surgery import prune_group
 
-__all__ = ["prune_by_scores", "prunable_bns", "plan_widths", "MIN_CHANNELS"]
+__all__ = ["prune_by_scores", "plan_widths", "MIN_CHANNELS"]
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,3 @@ def prune_by_scores(model: nn.Module, context: PruneContext, hparams: Mapping[st
         if kept < group.size:
             prune_group(graph, group, keep_top(s, kept))
     return model
-
-
-def prunable_bns(graph: DependencyGraph, *, include_residual: bool = False) -> list[tuple[ChannelGroup, nn.BatchNorm2d]]:
-    """(group, its batch norm) for each prunable group whose producer feeds a batch norm."""
-    out = []
-    for group in graph.prunable_groups(include_residual=include_residual):
-        bn = graph.bn_of(group)
-        if bn is not None:
-            out.append((group, bn))
-    return out

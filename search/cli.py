@@ -13,7 +13,7 @@ from typing import Sequence
 __all__ = ["main"]
 
 log = logging.getLogger("prunetune")
-USAGE_ERROR = 2
+USAGE_ERROR, INTERNAL_ERROR = 2, 1
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -32,9 +32,11 @@ def _cmd_run(args) -> int:
     from .config import load_config
     from .sweep import run_sweep
 
+    from .store import absolute_uri
+
     cfg = load_config(args.config, args.set or [])
     result = run_sweep(cfg)
-    _print_result(result, cfg.tracking_uri)
+    _print_result(result, absolute_uri(cfg.tracking_uri))
     return 0
 
 
@@ -44,6 +46,19 @@ def _cmd_resume(args) -> int:
     result = resume_sweep(args.experiment_dir)
     _print_result(result, None)
     return 0
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """What counts as bad input (exit 2): our ConfigError, a data set that does not load, a missing file."""
+    from methods.errors import ConfigError
+    from trainables.data import DataError
+
+    return ConfigError, DataError, FileNotFoundError
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _print_result(result, tracking_uri) -> None:
@@ -122,16 +137,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from methods.errors import ConfigError
+    """Exit codes: 0 done; 2 bad input; 1 an internal error; 128 + signal number when SIGINT (130)
+    or SIGTERM (143) interrupted a sweep. Every error is one line on stderr (``-v``: with the
+    traceback in the log)."""
+    from .sweep import SweepInterrupted
 
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"prunetune: error: {exc}", file=sys.stderr)
+    except SweepInterrupted as exc:
+        sys.stdout.flush()
+        print(str(exc), file=sys.stderr)
+        return 128 + int(exc.signum)
+    except KeyboardInterrupt:  # outside a sweep (fronts, promote): nothing to resume
+        print("interrupted", file=sys.stderr)
+        return 128 + 2
+    except _input_errors() as exc:
+        log.debug("input error", exc_info=True)
+        print(f"prunetune: error: {_one_line(exc)}", file=sys.stderr)
         return USAGE_ERROR
+    except Exception as exc:  # noqa: BLE001  (reported as one line; the traceback with -v)
+        log.debug("internal error", exc_info=True)
+        print(f"prunetune: internal error: {type(exc).__name__}: {_one_line(exc)} (-v for the traceback)",
+              file=sys.stderr)
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, TextIO
-from urllib.parse import unquote, urlparse
 
 from mlflow.tracking import MlflowClient
 
@@ -38,6 +37,7 @@ from . import objectives as _obj
 from .fronts import TrialPoint, front_of, plot_fronts, reference_point, sweep_points
 from .pareto import hypervolume
 from .sweep import STATE_FILE
+from .store import open_client, sqlite_path
 from .tracking import SWEEP_TAG, child_runs
 
 __all__ = ["SweepRef", "FrontSeries", "resolve_sweep", "collect_fronts", "compare_fronts", "format_table",
@@ -62,7 +62,7 @@ class SweepRef:
     objectives: tuple[str, ...] = _obj.DEFAULT  # the config's, else the parent run's params; old sweeps: accuracy, macs
 
     def client(self) -> MlflowClient:
-        return MlflowClient(self.tracking_uri)
+        return open_client(self.tracking_uri, create=False)
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,17 @@ def _is_sweep_dir(location: str) -> bool:
         return False
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (None for other stores or in-memory databases)."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite":
-        return None
-    path = unquote(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else ""
-    return Path(path) if path and path != ":memory:" else None
+def _state_client(text: str, uri: str) -> MlflowClient:
+    """The client for a sweep directory's recorded tracking URI, or one line on what is wrong with it:
+    a relative SQLite path (a sweep from before the URI was stored absolute) or a database that is
+    no longer where the sweep recorded it."""
+    db = sqlite_path(uri)
+    if db is not None and not db.is_absolute():
+        raise ConfigError(f"sweep directory {text!r}: its tracking URI {uri} is relative to the directory the sweep "
+                          "was started from; run from there or pass the database with --tracking-uri")
+    if db is not None and not db.is_file():
+        raise ConfigError(f"sweep directory {text!r}: its MLflow database {db} no longer exists (moved or deleted?)")
+    return open_client(uri, create=False)
 
 
 def resolve_sweep(source: str | Path, tracking_uri: str | None = None) -> SweepRef:
@@ -121,7 +125,7 @@ def resolve_sweep(source: str | Path, tracking_uri: str | None = None) -> SweepR
             raise ConfigError(f"unknown experiment {text!r}: {location} has no {STATE_FILE} "
                               "(not a prunetune sweep directory)")
         state = _read_state(location)
-        client = MlflowClient(state["tracking_uri"])
+        client = _state_client(text, state["tracking_uri"])
         try:
             run = client.get_run(state["parent_run_id"])
         except Exception as exc:  # noqa: BLE001  (MlflowException: the run is not in that store)
@@ -134,11 +138,11 @@ def resolve_sweep(source: str | Path, tracking_uri: str | None = None) -> SweepR
                         *_objectives_of(config, run, text))
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None and not db.is_file():  # don't create an empty database just to find nothing
         raise ConfigError(f"unknown experiment {text!r}: not a sweep directory, and there is no MLflow database "
                           f"at {uri} (pass --tracking-uri)")
-    client = MlflowClient(uri)
+    client = open_client(uri, create=False)
     exp = client.get_experiment_by_name(text)
     if exp is None:
         raise ConfigError(f"unknown experiment {text!r}: not a sweep directory nor an MLflow experiment in {uri}")

@@ -71,6 +71,13 @@ def _checked_objectives(objective: Any, objectives: Any) -> tuple[str | None, tu
         log.info("objectives %s given: it replaces objective: %s", list(names), objective)
     return shorthand, names
 
+
+#: Upper bounds that catch a typo (``num_trials: 1000000000000``) before any work; generous for real use.
+MAX_TRIALS, MAX_CONCURRENT, MAX_EPOCHS, MAX_BATCH = 100_000, 10_000, 100_000, 1 << 16
+MAX_IMAGE_SIZE, MAX_CALIBRATION_BATCHES, MAX_FAILURES = 8192, 100_000, 1000
+#: ``name`` names the sweep directory ``<name>-YYYYmmdd-HHMMSS``: a file name is at most 255 bytes.
+MAX_NAME_BYTES = 255 - len("-YYYYmmdd-HHMMSS")
+
 _FALLBACK_DATASETS = ("cifar10", "cifar100", "digits", "imagefolder")
 _DIR_DATASETS = ("cifar10", "cifar100", "imagefolder")
 _CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -85,12 +92,13 @@ def _fmt(value: Any) -> str:
 
 def _int(value: Any, name: str, minimum: int, maximum: int | None = None) -> int:
     """An int (an integral float is accepted) within [minimum, maximum]."""
-    bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     ok = not isinstance(value, bool) and (
         isinstance(value, int) or (isinstance(value, float) and value.is_integer())
     )
-    if not ok or value < minimum or (maximum is not None and value > maximum):
-        raise ConfigError(f"{name}: must be an integer {bound}, got {_fmt(value)}")
+    if ok and maximum is not None and value > maximum:
+        raise ConfigError(f"{name}: must be an integer <= {maximum:_}, got {_fmt(value)}")
+    if not ok or value < minimum:
+        raise ConfigError(f"{name}: must be an integer >= {minimum}, got {_fmt(value)}")
     return int(value)
 
 
@@ -209,11 +217,11 @@ class TrainConfig:
     def validated(self, where: str) -> "TrainConfig":
         """A normalised copy, or ConfigError naming ``where.field``."""
         return TrainConfig(
-            epochs=_int(self.epochs, f"{where}.epochs", 0),
+            epochs=_int(self.epochs, f"{where}.epochs", 0, MAX_EPOCHS),
             lr=_float(self.lr, f"{where}.lr", gt=0),
             momentum=_float(self.momentum, f"{where}.momentum", ge=0, lt=1),
             weight_decay=_float(self.weight_decay, f"{where}.weight_decay", ge=0),
-            batch_size=_int(self.batch_size, f"{where}.batch_size", 1),
+            batch_size=_int(self.batch_size, f"{where}.batch_size", 1, MAX_BATCH),
         )
 
 
@@ -292,6 +300,8 @@ class SweepConfig:
     latency_batch_size: int = 1
     download: bool = False
     calibration_batches: int = 4
+    #: torch.compile each pruned model for its fine-tune (pays on GPUs; slow to compile on CPUs).
+    compile: bool = False
     objective: str | None = "macs"
     objectives: tuple[str, ...] | None = None
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -303,6 +313,9 @@ class SweepConfig:
         name = _str(self.name, "name")
         if "/" in name or "\\" in name:
             raise ConfigError(f"name: must not contain a path separator (it names a directory), got {name!r}")
+        if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise ConfigError(f"name: at most {MAX_NAME_BYTES} bytes in UTF-8 (it names the sweep directory), got "
+                              f"{len(name.encode('utf-8', 'surrogatepass'))} bytes ({name[:20]!r}...)")
         set_("name", name)
 
         models = _model_names()
@@ -323,8 +336,8 @@ class SweepConfig:
         set_("space", _freeze(dict(self.space)))
         self.search_space()  # validates every space entry
 
-        set_("num_trials", _int(self.num_trials, "num_trials", 1))
-        set_("max_concurrent_trials", _int(self.max_concurrent_trials, "max_concurrent_trials", 1))
+        set_("num_trials", _int(self.num_trials, "num_trials", 1, MAX_TRIALS))
+        set_("max_concurrent_trials", _int(self.max_concurrent_trials, "max_concurrent_trials", 1, MAX_CONCURRENT))
         set_("resources_per_trial", _section(ResourcesConfig, self.resources_per_trial, "resources_per_trial",
                                              ResourcesConfig()))
         if self.sampler not in SAMPLERS:
@@ -343,13 +356,14 @@ class SweepConfig:
         storage = _str(self.storage_path, "storage_path")
         set_("storage_path", storage if _is_uri(storage) else _abspath(storage))
         if self.image_size is not None:
-            set_("image_size", _int(self.image_size, "image_size", 1))
+            set_("image_size", _int(self.image_size, "image_size", 1, MAX_IMAGE_SIZE))
         set_("model_kwargs", self._checked_model_kwargs())
         period = _float(self.checkpoint_period_s, "checkpoint_period_s", ge=0)
         set_("checkpoint_period_s", int(period) if period.is_integer() else period)
-        set_("max_failures", _int(self.max_failures, "max_failures", -1))  # -1: retry forever (Ray)
-        set_("latency_batch_size", _int(self.latency_batch_size, "latency_batch_size", 1))
-        set_("calibration_batches", _int(self.calibration_batches, "calibration_batches", 1))
+        set_("max_failures", _int(self.max_failures, "max_failures", -1, MAX_FAILURES))  # -1: retry forever (Ray)
+        set_("latency_batch_size", _int(self.latency_batch_size, "latency_batch_size", 1, MAX_BATCH))
+        set_("calibration_batches", _int(self.calibration_batches, "calibration_batches", 1, MAX_CALIBRATION_BATCHES))
+        set_("compile", _bool(self.compile, "compile"))
 
     # ---- field checks ---------------------------------------------------------------------------------
     def _checked_data_dir(self) -> str | None:

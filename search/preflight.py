@@ -1,11 +1,15 @@
-"""Checks that need more than the config file itself, run before any work starts: the model builds
-and runs on the data set's input (with scratch, also at the widths its ``expansion`` searches), a
-weights file loads with ``weights_only=True``, the MLflow
-tracking server and the Ray cluster answer, ``storage_path`` can be written. Each failure is one ``ConfigError`` line naming the
-field; each network probe gives up after a few seconds instead of hanging."""
+"""Checks that need more than the config file itself, run before any work starts (before MLflow or
+Ray is touched): the data set's files decode a first batch of each split, the model builds and runs
+on the data set's input (with scratch, also at the widths its ``expansion`` searches), a weights
+file loads with ``weights_only=True``, the MLflow tracking server and the Ray cluster answer,
+``storage_path`` and the SQLite database's folder can be written (by trying: a folder that
+``os.access`` calls writable, like ``/proc`` for root, may still refuse) and hold a directory named
+like the sweep's. Each failure is one ``ConfigError`` line naming the field; each network probe
+gives up after a few seconds instead of hanging."""
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
@@ -22,17 +26,19 @@ from methods.errors import ConfigError
 
 from .config import SweepConfig
 
-__all__ = ["preflight", "check_model", "check_expansion", "check_tracking_uri", "check_ray_address", "check_storage_path"]
+__all__ = ["preflight", "check_data", "check_model", "check_expansion", "check_tracking_uri", "check_ray_address",
+           "check_storage_path"]
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 10.0
 
 
 def preflight(cfg: SweepConfig) -> None:
+    check_data(cfg)
     check_model(cfg)
     check_expansion(cfg)
     check_tracking_uri(cfg.tracking_uri)
-    check_storage_path(cfg.storage_path)
+    check_storage_path(cfg.storage_path, cfg.name)
     if cfg.address:
         check_ray_address(cfg.address)
 
@@ -50,6 +56,50 @@ def _input_of(cfg: SweepConfig) -> tuple[tuple[int, int, int], int]:
     if not classes:
         raise ConfigError(f"data_dir: {cfg.data_dir}/train has no class folders (imagefolder expects train/<class>/)")
     return (3, side, side), len(classes)
+
+
+def check_data(cfg: SweepConfig) -> None:
+    """The data set loads as the trials will load it and a first batch of each split decodes. (The
+    driver keeps what it loaded: an embedded sweep trains its dense base on it without reloading.)
+    On a cluster the nodes read their own ``data_dir``; this checks the driver's copy."""
+    from trainables.data import make_loader
+    from trainables.workspace import load_data
+
+    from .sweep import settings_from_config
+
+    field = "data_dir" if cfg.data_dir is not None and cfg.dataset != "digits" else "dataset"
+    if cfg.dataset == "imagefolder":  # scanning an ImageNet-sized tree here would cost minutes
+        _check_first_images(Path(cfg.data_dir))
+        return
+    try:
+        data = load_data(settings_from_config(cfg))
+        for split in ("train", "val", "test"):
+            next(iter(make_loader(getattr(data, split), 2, shuffle=False)))
+    except StopIteration:
+        raise ConfigError(f"{field}: {cfg.dataset} at {cfg.data_dir} has an empty split") from None
+    except Exception as exc:  # DataError, or whatever a decoder raises on a garbage file
+        raise ConfigError(f"{field}: {cfg.dataset} does not load from {cfg.data_dir}: {_first(exc)}") from None
+
+
+def _check_first_images(root: Path) -> None:
+    """The first image of the first class of ``train/`` and ``val/`` decodes."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+
+    for split in ("train", "val"):
+        classes = sorted(p for p in (root / split).iterdir() if p.is_dir())
+        images = sorted(f for f in classes[0].iterdir() if f.suffix.lower() in IMG_EXTENSIONS) if classes else []
+        if not images:
+            raise ConfigError(f"data_dir: {root / split} has no class folder with images (imagefolder expects "
+                              f"{split}/<class>/<image>)")
+        try:
+            default_loader(str(images[0])).load()
+        except Exception as exc:  # PIL.UnidentifiedImageError, OSError: a truncated or garbage file
+            raise ConfigError(f"data_dir: {images[0]} does not decode as an image: {_first(exc)}") from None
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def check_model(cfg: SweepConfig) -> None:
@@ -130,8 +180,12 @@ def check_tracking_uri(uri: str) -> None:
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme == "sqlite":
         path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-        if path is not None and str(path) not in ("", ":memory:") and not path.parent.is_dir():
-            raise ConfigError(f"tracking_uri: folder {path.parent} for {uri} does not exist")
+        if path is not None and str(path) not in ("", ":memory:"):
+            folder = path.expanduser().resolve().parent
+            if not folder.is_dir():
+                raise ConfigError(f"tracking_uri: folder {folder} for {uri} does not exist")
+            if not path.exists():  # the database and its lock file will be created there
+                _try_write(folder, "tracking_uri")
         return
     if parsed.scheme in ("http", "https"):
         url = uri.rstrip("/") + "/health"
@@ -199,10 +253,27 @@ def check_ray_address(address: str) -> None:
         raise ConfigError(f"address: cannot reach Ray at {address} ({exc})") from None
 
 
-def check_storage_path(location: str) -> None:
-    """A local folder: it (or its nearest existing parent, nothing is created) is a writable folder.
-    A URI (``s3://...``): the filesystem resolves and a probe object can be written and deleted there,
-    with this process's credentials, within ``PROBE_TIMEOUT_S``."""
+def _try_write(folder: Path, field: str, name: str | None = None) -> None:
+    """Create (and remove) a directory in ``folder``, named like the sweep's own (``name`` plus a
+    timestamp's length) when given: the folder takes writes and a name that long."""
+    probe = folder / (f"{name}-pf{uuid.uuid4().hex[:13]}" if name else f".prunetune-preflight-{uuid.uuid4().hex}")
+    try:
+        probe.mkdir()
+        (probe / "probe").write_bytes(b"")
+        (probe / "probe").unlink()
+        probe.rmdir()
+    except OSError as exc:
+        what = exc.strerror or type(exc).__name__
+        if name and exc.errno == errno.ENAMETOOLONG:
+            raise ConfigError(f"name: {name[:20]!r}... is too long for a directory name in {folder} ({what})") from None
+        raise ConfigError(f"{field}: cannot write in folder {folder} ({what})") from None
+
+
+def check_storage_path(location: str, name: str | None = None) -> None:
+    """A local folder: it (or its nearest existing parent) is a folder where a directory named like
+    the sweep's can be created (tried, then removed). A URI (``s3://...``): the filesystem resolves
+    and a probe object can be written and deleted there, with this process's credentials, within
+    ``PROBE_TIMEOUT_S``."""
     from trainables import storage
 
     if not storage.is_uri(location) or location.startswith("file://"):
@@ -211,7 +282,8 @@ def check_storage_path(location: str) -> None:
         if not existing.is_dir():
             raise ConfigError(f"storage_path: {existing} is not a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"storage_path: folder {existing} is not writable")
+            raise ConfigError(f"storage_path: cannot write in folder {existing} (no write permission)")
+        _try_write(existing, "storage_path", name)
         return
     outcome: list[BaseException | None] = []
 

@@ -1,8 +1,10 @@
 """Promote the best model on a sweep's Pareto front to the MLflow Model Registry.
 
 ``prunetune promote EXPERIMENT --name NAME [--max-macs N | --max-latency-ratio R | --min-accuracy A]
-[--alias champion]``
+[--alias champion] [--allow-running]``
 
+0. The sweep must be finished (its parent run FINISHED): a running, interrupted or failed sweep has
+   no final front, so it is refused in one line unless ``--allow-running``.
 1. Candidates: the sweep's front of (accuracy, its searched cost: MACs or ``latency_ratio``, per the
    sweep's ``objective``) (trial runs tagged ``pareto=true``; recomputed with ``search.pareto.front``
    when some finished trial has no ``pareto`` tag).
@@ -140,6 +142,18 @@ def select_candidate(candidates: Sequence[TrialPoint], max_macs: float | None = 
     return pick
 
 
+def _check_finished(ref: SweepRef, allow_running: bool) -> None:
+    """A sweep still running (or interrupted, or failed) has no final front: refuse, unless asked."""
+    status = ref.client().get_run(ref.parent_run_id).info.status
+    if status == "FINISHED":
+        return
+    if not allow_running:
+        raise ConfigError(f"promote: sweep {ref.label!r} is not finished (parent run {ref.parent_run_id} is {status}); "
+                          "wait for it or resume it, or pass --allow-running to promote from its front so far")
+    log.warning("promoting from sweep %s whose parent run is %s (--allow-running): its front may still change",
+                ref.label, status)
+
+
 # ---- the sweep's data ------------------------------------------------------------------------------------------
 def _param(value: str | None) -> Any:
     return None if value in (None, "None", "null", "") else value
@@ -228,7 +242,7 @@ def _metric_tags(p: TrialPoint, reevaluated: float) -> dict[str, str]:
 
 def promote(source: str | Path, name: str, max_macs: float | None = None, min_accuracy: float | None = None,
             alias: str = "champion", tracking_uri: str | None = None, tolerance: float = 0.005,
-            max_latency_ratio: float | None = None) -> PromotionResult:
+            max_latency_ratio: float | None = None, allow_running: bool = False) -> PromotionResult:
     """Register the best front model of sweep ``source`` under ``name`` and move ``alias`` to it.
 
     See the module docstring. Raises ``ConfigError`` (nothing registered) for bad arguments or a
@@ -255,6 +269,7 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
         raise ConfigError(f"promote: --max-latency-ratio must be a positive number, got {max_latency_ratio!r}")
 
     ref = resolve_sweep(source, tracking_uri)
+    _check_finished(ref, allow_running)
     pick = select_candidate(pareto_candidates(ref), max_macs, min_accuracy, max_latency_ratio)
     log.info("promoting %s from sweep %s", _describe(pick), ref.label)
     data_settings = _data_settings(ref)
@@ -340,7 +355,7 @@ def _cmd_promote(args, out: TextIO | None = None) -> int:
     try:
         result = promote(args.experiment, args.name, max_macs=args.max_macs, min_accuracy=args.min_accuracy,
                          alias=args.alias, tracking_uri=args.tracking_uri, tolerance=args.tolerance,
-                         max_latency_ratio=args.max_latency_ratio)
+                         max_latency_ratio=args.max_latency_ratio, allow_running=args.allow_running)
     except PromotionError as exc:
         print(f"prunetune: error: {exc}", file=sys.stderr)
         return VALIDATION_FAILED_EXIT
@@ -369,5 +384,7 @@ def add_promote_command(subparsers) -> argparse.ArgumentParser:
                    help=f"MLflow tracking URI for an experiment name (default: {DEFAULT_TRACKING_URI})")
     p.add_argument("--tolerance", type=float, default=0.005,
                    help="largest allowed |re-evaluated - recorded| test accuracy (default: 0.005)")
+    p.add_argument("--allow-running", action="store_true",
+                   help="promote even if the sweep's parent run is not FINISHED (running, interrupted, failed)")
     p.set_defaults(func=_cmd_promote)
     return p

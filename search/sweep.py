@@ -9,24 +9,38 @@ a copy of the front go there; the driver keeps only temporary files on its own d
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from methods.errors import ConfigError, PruneTuneError
 from trainables import storage
 
 from .config import SweepConfig, config_from_dict
+from .interrupts import Interrupts
+from .reaper import Reaper
 
-__all__ = ["run_sweep", "resume_sweep", "settings_from_config", "SweepResult", "STATE_FILE"]
+__all__ = ["run_sweep", "resume_sweep", "settings_from_config", "SweepResult", "SweepInterrupted", "STATE_FILE"]
 
 log = logging.getLogger(__name__)
 STATE_FILE = "prunetune_sweep.json"
+
+
+class SweepInterrupted(PruneTuneError):
+    """SIGINT or SIGTERM stopped the sweep: Tune saved its state, the parent run is KILLED, no front
+    was recorded. ``prunetune resume experiment_dir`` continues it."""
+
+    def __init__(self, signum: int, experiment_dir: str):
+        super().__init__(f"interrupted: continue with prunetune resume {experiment_dir}")
+        self.signum, self.experiment_dir = signum, experiment_dir
 
 
 @dataclass
@@ -55,13 +69,15 @@ def settings_from_config(cfg: SweepConfig):
         model=cfg.model, dataset=cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
         image_size=cfg.image_size, model_kwargs=dict(cfg.model_kwargs), seed=cfg.seed,
         base=train(cfg.base), finetune=train(cfg.finetune), latency_batch_size=cfg.latency_batch_size,
-        calibration_batches=cfg.calibration_batches, base_dir=storage.join(cfg.storage_path, "base_models"),
+        calibration_batches=cfg.calibration_batches, compile=cfg.compile, base_dir=storage.join(cfg.storage_path, "base_models"),
         use_gpu=cfg.resources_per_trial.gpu > 0,
     )
 
 
-def _init_ray(cfg: SweepConfig) -> bool:
-    """Join ``cfg.address`` or start an embedded local Ray; True if this call started it."""
+def _init_ray(cfg: SweepConfig) -> Reaper | bool:
+    """Join ``cfg.address`` or start an embedded local Ray. Falsy if Ray was running already; True
+    after joining a cluster; for an embedded node the ``Reaper`` that ends its processes with this
+    driver (``stop`` it after ``ray.shutdown``)."""
     import ray
 
     if ray.is_initialized():
@@ -70,10 +86,24 @@ def _init_ray(cfg: SweepConfig) -> bool:
     if cfg.address:
         log.info("joining Ray cluster at %s", cfg.address)
         ray.init(address=cfg.address, log_to_driver=False)
-    else:
-        # "local" always starts a fresh embedded node (a stale cluster file cannot redirect it).
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    return True
+        return True
+    # "local" always starts a fresh embedded node (a stale cluster file cannot redirect it), bound
+    # to loopback: nothing outside this machine needs to reach it. Ray replaces a loopback
+    # _node_ip_address with the machine's address unless clusters are off (its setting for
+    # laptops); with 127.0.0.1 as the node's address, its gRPC servers and agents bind there.
+    from ray._private import ray_constants
+
+    reaper = Reaper.start()
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    except BaseException:
+        reaper.stop()
+        raise
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
+    return reaper
 
 
 def _tune_location(exp_dir: str) -> tuple[str, dict[str, Any]]:
@@ -103,89 +133,78 @@ def _record_front(client, parent: str, exp_dir: str, dense_macs, objective, cons
 
 
 def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: bool, warm: list = ()) -> SweepResult:
+    """Open (or reopen) the parent run, then ``_sweep``. However it ends, the parent run says how:
+    FINISHED (with the front), KILLED (SIGINT/SIGTERM: resumable, no front) or FAILED (the reason
+    in its ``failure_reason`` tag); children still RUNNING are closed as KILLED."""
+    from .store import open_client
+    from .tracking import open_parent_run
+
+    interrupts = Interrupts()
+    with interrupts:
+        client = open_client(cfg.tracking_uri)
+        parent = open_parent_run(client, cfg.name, parent_run_id, _flatten(cfg.to_dict()),
+                                 {"prunetune.experiment_dir": str(exp_dir)})
+        try:
+            if parent_run_id:  # resumed: what ended the previous driver no longer describes the run
+                tags = client.get_run(parent).data.tags
+                for key in ("prunetune.interrupted", "failure_reason"):
+                    if key in tags:
+                        client.delete_tag(parent, key)
+            state = {"parent_run_id": parent, "tracking_uri": cfg.tracking_uri, "config": cfg.to_dict()}
+            storage.write_text(storage.join(exp_dir, STATE_FILE), json.dumps(state, indent=1))
+            log.info("MLflow parent run %s in experiment %r (%s)", parent, cfg.name, cfg.tracking_uri)
+            result = _sweep(cfg, exp_dir, client, parent, restore, interrupts, warm)
+        except KeyboardInterrupt:
+            signum = interrupts.signum or signal.SIGINT
+            log.warning("%s: stopping the sweep; the parent run %s is KILLED", signal.Signals(signum).name, parent)
+            _close(client, parent, "KILLED", {"prunetune.interrupted": signal.Signals(signum).name})
+            raise SweepInterrupted(signum, str(exp_dir)) from None
+        except BaseException as exc:
+            _close(client, parent, "FAILED", {"failure_reason": _reason(exc)})
+            raise
+        return result
+
+
+def _close(client, parent: str, status: str, tags: dict[str, str]) -> None:
+    """End the parent run (and any child left RUNNING) with ``status``; best effort, never masks the
+    error that got us here."""
+    from .tracking import close_open_children
+
+    try:
+        for key, value in tags.items():
+            client.set_tag(parent, key, value)
+        close_open_children(client, parent)
+        client.set_terminated(parent, status=status)
+    except Exception:  # noqa: BLE001  (the store itself may be what failed)
+        log.warning("could not mark the parent run %s %s", parent, status, exc_info=True)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:4000]
+
+
+def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, interrupts: Interrupts,
+           warm: list = ()) -> SweepResult:
     import ray
-    from mlflow.tracking import MlflowClient
-    from ray import tune
 
     from methods.cost import profile
-    from trainables.base_model import build_model, ensure_base_model
+    from trainables.base_model import build_model
     from trainables.workspace import load_data
-    from trainables.tune_trainable import trial_fn
 
-    from .searcher import ParetoOptunaSearch, make_sampler
-    from .space import make_space
-    from .tracking import MLflowTrialLogger, child_runs, open_parent_run
-
-    client = MlflowClient(cfg.tracking_uri)
-    parent = open_parent_run(client, cfg.name, parent_run_id, _flatten(cfg.to_dict()),
-                             {"prunetune.experiment_dir": str(exp_dir)})
-    state = {"parent_run_id": parent, "tracking_uri": cfg.tracking_uri, "config": cfg.to_dict()}
-    storage.write_text(storage.join(exp_dir, STATE_FILE), json.dumps(state, indent=1))
-    log.info("MLflow parent run %s in experiment %r (%s)", parent, cfg.name, cfg.tracking_uri)
+    from .progress import tune_environment, tune_verbosity
+    from .tracking import child_runs
 
     started = _init_ray(cfg)
+    interrupts.install()  # again: ray.init puts its own SIGTERM handler in place
     try:
         settings = settings_from_config(cfg)
-        res = cfg.resources_per_trial
-        log.info("dense base model: training or reusing %s on %s", cfg.model, cfg.dataset)
-        t0 = time.perf_counter()
-        if cfg.address:  # on a cluster: train where the trials' resources (GPUs) are
-            # The same credential variables Tune forwards to its trial actors (an object-store base_dir).
-            env = storage.forwarded_env()
-            base_task = ray.remote(num_cpus=res.cpu, num_gpus=math.ceil(res.gpu),
-                                   **({"runtime_env": {"env_vars": env}} if env else {}))(ensure_base_model)
-            _, base_metrics = ray.get(base_task.remote(settings))
-        else:  # embedded: this process already has torch loaded; a new worker would import it again
-            _, base_metrics = ensure_base_model(settings)
-        log.info("dense base ready in %.1fs: val accuracy %.4f", time.perf_counter() - t0, base_metrics["accuracy"])
-        logged = client.get_run(parent).data.metrics
-        for key, value in (("base_accuracy", base_metrics["accuracy"]),
-                           ("base_test_accuracy", base_metrics["test_accuracy"])):
-            if key not in logged:  # a resumed sweep logged them already
-                client.log_metric(parent, key, value)
-
-        trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings,
-                                                             checkpoint_period_s=cfg.checkpoint_period_s),
-                                        {"cpu": res.cpu, "gpu": res.gpu})
-        tracker = MLflowTrialLogger(cfg.tracking_uri, parent)
-        tune_path, tune_storage = _tune_location(exp_dir)
-        if restore and not tune.Tuner.can_restore(tune_path, **tune_storage):
-            log.warning("%s holds no Tune state yet (the driver stopped before Tune started): starting Tune afresh",
-                        exp_dir)
-            restore = False
-        if restore:
-            # Tuner.restore brings back the searcher (the Optuna study, pickled with its trials: a trial
-            # that was running keeps its Tune trial id and so its Optuna trial), the callbacks (this
-            # sweep's MLflowTrialLogger, pickled in tuner.pkl) and every trial: finished ones are kept,
-            # unfinished ones continue from their last checkpoint. Errored trials stay errored: they
-            # were told to Optuna as FAIL and recorded FAILED, and used up their retries already.
-            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False, **tune_storage)
-        else:
-            from .early_stopping import scheduler_and_callbacks
-            from .progress import ProgressLines, tune_verbosity
-
-            scheduler, extra_callbacks = scheduler_and_callbacks(cfg, parent)
-            extra_callbacks.append(ProgressLines(cfg.num_trials, scheduler))
-            searcher = ParetoOptunaSearch(make_space(cfg.search_space()),
-                                          make_sampler(cfg.sampler, cfg.seed), cfg.seed,
-                                          objectives=cfg.objectives, constraints=cfg.constraints)
-            if warm:
-                searcher.add_trials(warm)  # earlier sweeps' finished trials, before the first suggestion
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.num_trials,
-                                            max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
-                run_config=tune.RunConfig(
-                    name=os.path.basename(tune_path), storage_path=os.path.dirname(tune_path), **tune_storage,
-                    failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[tracker, *extra_callbacks], verbose=tune_verbosity()),
-            )
-        from .progress import tune_environment, tune_verbosity
-
-        with tune_environment(cfg.checkpoint_period_s, tune_verbosity()):
+        base_metrics = _base_model(cfg, settings, client, parent)
+        tuner = _tuner(cfg, settings, exp_dir, parent, restore, warm)
+        with interrupts.tune_running(), tune_environment(cfg.checkpoint_period_s, tune_verbosity()):
             tuner.fit()
+        if interrupts.signum is not None:  # Tune stopped on the signal and saved its state
+            raise KeyboardInterrupt
         children = child_runs(client, parent)
         failed = sum(1 for r in children if r.info.status == "FAILED")
         stopped = sum(1 for r in children if "prunetune.stopped_at_rung" in r.data.tags)
@@ -198,18 +217,92 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
         return SweepResult(exp_dir if storage.is_uri(exp_dir) else Path(exp_dir), parent, summary["trials"], failed,
                            summary["hypervolume"], summary["front"], base_metrics, cfg.objective, cfg.objectives,
                            stopped, summary.get("infeasible", 0))
-    except BaseException:
-        client.set_terminated(parent, status="KILLED")
-        raise
     finally:
         if started:
             ray.shutdown()
+            if hasattr(started, "stop"):
+                started.stop()
+
+
+def _base_model(cfg: SweepConfig, settings, client, parent: str) -> dict[str, Any]:
+    """Train (once) or reuse the dense base model; its metrics, logged on the parent run."""
+    import ray
+
+    from trainables.base_model import ensure_base_model
+
+    res = cfg.resources_per_trial
+    log.info("dense base model: training or reusing %s on %s", cfg.model, cfg.dataset)
+    t0 = time.perf_counter()
+    if cfg.address:  # on a cluster: train where the trials' resources (GPUs) are
+        # The same credential variables Tune forwards to its trial actors (an object-store base_dir).
+        env = storage.forwarded_env()
+        base_task = ray.remote(num_cpus=res.cpu, num_gpus=math.ceil(res.gpu),
+                               **({"runtime_env": {"env_vars": env}} if env else {}))(ensure_base_model)
+        _, base_metrics = ray.get(base_task.remote(settings))
+    else:  # embedded: this process already has torch loaded; a new worker would import it again
+        _, base_metrics = ensure_base_model(settings)
+    log.info("dense base ready in %.1fs: val accuracy %.4f", time.perf_counter() - t0, base_metrics["accuracy"])
+    logged = client.get_run(parent).data.metrics
+    for key, value in (("base_accuracy", base_metrics["accuracy"]),
+                       ("base_test_accuracy", base_metrics["test_accuracy"])):
+        if key not in logged:  # a resumed sweep logged them already
+            client.log_metric(parent, key, value)
+    return base_metrics
+
+
+def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool, warm: list = ()):
+    from ray import tune
+
+    from trainables.tune_trainable import trial_fn
+
+    from .early_stopping import scheduler_and_callbacks
+    from .progress import ProgressLines, tune_verbosity
+    from .searcher import ParetoOptunaSearch, make_sampler
+    from .space import make_space
+    from .tracking import MLflowTrialLogger
+
+    res = cfg.resources_per_trial
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings,
+                                                         checkpoint_period_s=cfg.checkpoint_period_s),
+                                    {"cpu": res.cpu, "gpu": res.gpu})
+    tune_path, tune_storage = _tune_location(exp_dir)
+    if restore and not tune.Tuner.can_restore(tune_path, **tune_storage):
+        log.warning("%s holds no Tune state yet (the driver stopped before Tune started): starting Tune afresh",
+                    exp_dir)
+        restore = False
+    if restore:
+        # Tuner.restore brings back the searcher (the Optuna study, pickled with its trials: a trial
+        # that was running keeps its Tune trial id and so its Optuna trial), the callbacks (this
+        # sweep's MLflowTrialLogger, pickled in tuner.pkl) and every trial: finished ones are kept,
+        # unfinished ones continue from their last checkpoint. Errored trials stay errored: they
+        # were told to Optuna as FAIL and recorded FAILED, and used up their retries already.
+        return tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False, **tune_storage)
+    scheduler, callbacks = scheduler_and_callbacks(cfg, parent)
+    callbacks.append(ProgressLines(cfg.num_trials, scheduler))
+    searcher = ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler(cfg.sampler, cfg.seed), cfg.seed,
+                                  objectives=cfg.objectives, constraints=cfg.constraints)
+    if warm:
+        searcher.add_trials(warm)  # earlier sweeps' finished trials, before the first suggestion
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.num_trials,
+                                    max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=os.path.basename(tune_path), storage_path=os.path.dirname(tune_path), **tune_storage,
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[MLflowTrialLogger(cfg.tracking_uri, parent), *callbacks], verbose=tune_verbosity()),
+    )
 
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     from .preflight import preflight
+    from .store import absolute_uri
 
     preflight(cfg)  # environment problems are one clear line before Ray or MLflow start
+    # Recorded absolute in the state file, so resume, fronts and promote work from any directory.
+    cfg = dataclasses.replace(cfg, tracking_uri=absolute_uri(cfg.tracking_uri))
     warm = []
     if cfg.warm_start:  # refused in one line (other model or dataset) before Ray or the new run start
         from .space import make_space
@@ -223,8 +316,6 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
 
 def resume_sweep(experiment_dir: str | os.PathLike) -> SweepResult:
     """Continue the sweep in ``experiment_dir``: a local/NFS folder or a URI (``s3://bucket/prefix/name-...``)."""
-    from methods.errors import ConfigError
-
     exp_dir = str(experiment_dir) if storage.is_uri(experiment_dir) else str(Path(experiment_dir).resolve())
     state_path = storage.join(exp_dir, STATE_FILE)
     try:
@@ -235,8 +326,25 @@ def resume_sweep(experiment_dir: str | os.PathLike) -> SweepResult:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"experiment_dir: cannot read {state_path} ({first})") from None
     state = json.loads(text)
-    cfg = config_from_dict(state["config"])
+    cfg = dataclasses.replace(config_from_dict(state["config"]), tracking_uri=_recorded_uri(state["tracking_uri"]))
     return _run(cfg, exp_dir, state["parent_run_id"], restore=True)
+
+
+def _recorded_uri(uri: str) -> str:
+    """The sweep's tracking URI from its state file, checked before anything is touched: its SQLite
+    database must still be where it was (a relative one, from older sweeps, is read against the
+    current directory)."""
+    from .store import absolute_uri, sqlite_path
+
+    db = sqlite_path(uri)
+    if db is None:
+        return uri
+    if not db.is_absolute() and not db.is_file():
+        raise ConfigError(f"tracking_uri: the sweep recorded the relative database {uri}; run resume from the "
+                          "directory the sweep was started in")
+    if not db.is_file():
+        raise ConfigError(f"tracking_uri: the sweep's MLflow database {db} no longer exists (moved or deleted?)")
+    return absolute_uri(uri)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

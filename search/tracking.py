@@ -31,8 +31,10 @@ from ray.tune import Callback
 
 from methods.errors import ConfigError
 
-__all__ = ["MLflowTrialLogger", "open_parent_run", "child_runs", "TRIAL_TAG", "PARENT_TAG", "SWEEP_TAG",
-           "LOGGED_METRICS", "LOGGED_TAGS"]
+from .store import absolute_uri, open_client, sqlite_path  # noqa: F401  (re-exported)
+
+__all__ = ["MLflowTrialLogger", "open_parent_run", "child_runs", "open_client", "absolute_uri", "sqlite_path",
+           "close_open_children", "TRIAL_TAG", "PARENT_TAG", "SWEEP_TAG", "LOGGED_METRICS", "LOGGED_TAGS"]
 
 log = logging.getLogger(__name__)
 TRIAL_TAG, PARENT_TAG, SWEEP_TAG = "prunetune.trial_id", "mlflow.parentRunId", "prunetune.sweep"
@@ -40,6 +42,16 @@ LOGGED_METRICS = ("loss", "train_accuracy", "accuracy", "val_loss", "macs", "par
                   "test_accuracy", "latency_ms", "dense_latency_ms", "latency_ratio", "dense_macs")
 #: String results (not metrics in MLflow): logged as tags of the trial's child run.
 LOGGED_TAGS = ("stage", "latency_model", "latency_device")
+
+
+def close_open_children(client: MlflowClient, parent_run_id: str, status: str = "KILLED") -> int:
+    """Give every child run still RUNNING ``status`` (an interrupted or failed sweep); their count."""
+    n = 0
+    for run in child_runs(client, parent_run_id):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status=status)
+            n += 1
+    return n
 
 
 def _param_value(v: Any) -> str:
@@ -94,6 +106,7 @@ class MLflowTrialLogger(Callback):
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
         self._done: set[str] = set()
+        self._killed: set[str] = set()
         self._steps: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps already logged
         self._reconciled = False
 
@@ -107,13 +120,15 @@ class MLflowTrialLogger(Callback):
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
+            self._client = open_client(self.tracking_uri)
             for run in child_runs(self._client, self.parent_run_id):
                 tid = run.data.tags.get(TRIAL_TAG)
                 if tid:
                     self._runs[tid] = run.info.run_id
                     if run.info.status in ("FINISHED", "FAILED"):
                         self._done.add(tid)
+                    elif run.info.status == "KILLED":  # the sweep was interrupted while it ran
+                        self._killed.add(tid)
         return self._client
 
     def _logged_steps(self, run_id: str) -> dict[str, set[int]]:
@@ -145,6 +160,9 @@ class MLflowTrialLogger(Callback):
                 self.on_trial_complete(iteration=0, trials=trials, trial=trial)
             elif tid not in self._done and trial.status == "ERROR":
                 self.on_trial_error(iteration=0, trials=trials, trial=trial)
+            elif tid in self._killed:  # interrupted with the sweep; Tune continues it now
+                self.client.update_run(run_id, status="RUNNING")
+                self._killed.discard(tid)
 
     def _run_for(self, trial) -> str:
         client = self.client

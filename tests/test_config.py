@@ -202,6 +202,7 @@ BAD = [
     ({"max_failures": -2}, ["max_failures: must be an integer >= -1, got -2"]),
     ({"latency_batch_size": 0}, ["latency_batch_size: must be an integer >= 1, got 0"]),
     ({"calibration_batches": 0}, ["calibration_batches: must be an integer >= 1, got 0"]),
+    ({"compile": "yes"}, ["compile: must be true or false, got 'yes'"]),
     ({"objective": "flops"}, ["objective: expected one of macs, latency, got 'flops'"]),
     ({"objective": None}, ["objective: expected one of macs, latency, got None"]),
 ]

@@ -36,7 +36,7 @@ class OneByOneNet(nn.Module):
 def test_graph_groups_resnet20():
     graph = DependencyGraph(create_model("resnet20", 10))
     internal = graph.prunable_groups()
-    residual = [g for g in graph.prunable_groups(include_residual=True) if g.residual]
+    residual = [g for g in graph.prunable_groups(scope="all") if g.residual]
     assert len(internal) == 9  # conv1 of each of the 9 blocks
     assert all(g.producers[0].endswith("conv1") and g.producers[0].startswith("layer") for g in internal)
     assert len(residual) == 3  # one residual width per stage

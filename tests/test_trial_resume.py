@@ -9,6 +9,7 @@ bit, and end with the same weights, optimizer state and outputs. CPU, one thread
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,23 @@ def test_epoch_streams_depend_on_seed_and_epoch_only():
     others = [draws(0, 0), draws(0, 2), draws(1, 0)]
     # (1, 0) in particular: seed + 1 does not replay epoch + 1 of the previous seed.
     assert all(o[0] != first[0] and o[1] != first[1] for o in others)
+
+
+@pytest.mark.slow  # inductor compiles resnet20's training graph on 2 CPU cores in minutes; run with -m slow
+def test_compiled_finetune_trains_the_pruned_model_and_checkpoints_it(tmp_path):
+    """``compile: true``: the fine-tune steps through ``torch.compile`` of the pruned model, which
+    shares its parameters, so the checkpointed model is the trained one and reloads exactly."""
+    settings = TrialSettings(base=TrainSettings(epochs=1), finetune=TrainSettings(epochs=1, lr=0.01),
+                             base_dir=str(tmp_path / "base"), compile=True)
+    ensure_base_model(settings)
+    saved = {}
+
+    def report(metrics, save):
+        save(tmp_path / "ckpt")
+        saved.update(metrics)
+
+    final = run_trial(settings, "l1_norm", {"prune_ratio": 0.5}, report)
+    eager = run_trial(replace(settings, compile=False), "l1_norm", {"prune_ratio": 0.5}, lambda m, s: None)
+    assert final["accuracy"] > 0.5 and abs(final["accuracy"] - eager["accuracy"]) < 0.05
+    model, _ = load_model(tmp_path / "ckpt" / MODEL_DIR)
+    assert final["macs"] == eager["macs"] and sum(p.numel() for p in model.parameters()) == final["params"]

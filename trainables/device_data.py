@@ -73,12 +73,18 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = self.targets.numel()
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        order = order.to(self.device)
+        order = self._to_device(order)
         for start in range(0, n, self.batch_size):
             index = order[start:start + self.batch_size]
             if self.drop_last and index.numel() < self.batch_size:
                 return
             yield self._augment(self._normalised(self.images.index_select(0, index))), self.targets.index_select(0, index)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A CPU draw moved to the device without blocking the host (pinned, asynchronous copy)."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     def _normalised(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
@@ -94,15 +100,15 @@ class DeviceLoader:
             fill = (-self._mean / self._std) if self.images.dtype == torch.uint8 else torch.zeros(1, device=x.device)
             h, w = x.shape[-2:]
             padded = F.pad(x - fill, (p, p, p, p)) + fill
-            dy = torch.randint(0, 2 * p + 1, (b,), generator=self.generator).to(x.device)
-            dx = torch.randint(0, 2 * p + 1, (b,), generator=self.generator).to(x.device)
+            dy = self._to_device(torch.randint(0, 2 * p + 1, (b,), generator=self.generator))
+            dx = self._to_device(torch.randint(0, 2 * p + 1, (b,), generator=self.generator))
             rows = (dy.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1)
             cols = (dx.view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w)
             batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
             chan = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
             x = padded[batch, chan, rows, cols]
         if self.arrays.flip:
-            flip = (torch.rand(b, generator=self.generator) < 0.5).to(x.device).view(b, 1, 1, 1)
+            flip = self._to_device(torch.rand(b, generator=self.generator) < 0.5).view(b, 1, 1, 1)
             x = torch.where(flip, x.flip(-1), x)
         return x
 

@@ -35,6 +35,8 @@ class TrialSettings:
     #: Folder (shared by every node on a cluster) where the dense base models are cached.
     base_dir: str = "./ray_results/base_models"
     use_gpu: bool | None = None
+    #: torch.compile the pruned model for its fine-tune (compiled again after the cut).
+    compile: bool = False
 
     def base_key(self) -> str:
         """Hash of everything that determines the dense base model: one base per distinct key."""

@@ -39,6 +39,10 @@ def pick_device(use_gpu: bool | None = None) -> torch.device:
         use_gpu = torch.cuda.is_available()
     if use_gpu and not torch.cuda.is_available():
         raise PruneTuneError("a GPU was requested but torch.cuda.is_available() is False")
+    if use_gpu:
+        # Trials train one fixed architecture for many steps: let cuDNN search for its fastest
+        # kernels once per shape (what bench_trial_throughput measures on a GPU).
+        torch.backends.cudnn.benchmark = True
     return torch.device("cuda" if use_gpu else "cpu")
 
 

@@ -80,123 +80,198 @@ def _start_model(settings: TrialSettings, method: PruningMethod) -> torch.nn.Mod
 def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any], report: Reporter,
               resume_from: Path | None = None) -> dict[str, Any]:
     """Run one trial to the end and return its final metrics (also passed to ``report``)."""
-    method = create_method(method_name, **hparams)
-    device = pick_device(settings.use_gpu)
-    data = load_data(settings)
-    input_shape = tuple(data.input_shape)
-    plan = _plan(settings, method)
-    # Digits and CIFAR live on the trial's device (no loader processes); ImageFolder gets workers.
-    workers = max(0, torch.get_num_threads() - 1)
-    train_loader = trial_loader(data.train, plan.finetune.batch_size, shuffle=True, seed=settings.seed, device=device,
-                                num_workers=workers)
-    val_loader = trial_loader(data.val, EVAL_BATCH, shuffle=False, device=device, num_workers=workers)
-    # The unpruned architecture: its MACs now, its latency beside the pruned model's at the end. Built
-    # before the streams are seeded below, so drawing its random weights changes nothing.
-    reference = _reference_model(settings)
-    dense_macs = profile(reference, input_shape).macs
-    spec_kwargs = {k: v for k, v in settings.model_kwargs.items() if k != "weights"}
-    if method.from_scratch and method.hparams.get("expansion"):
-        spec_kwargs["width_mult"] = spec_kwargs.get("width_mult", 1.0) * method.hparams["expansion"]
+    trial = _Trial.start(settings, method_name, hparams, report, resume_from)
+    try:
+        if not trial.pruned and trial.plan.phase_epochs == 0:
+            trial.prune()
+        metrics: dict[str, Any] = {}
+        while trial.state["epoch"] < trial.plan.total:
+            metrics = trial.run_epoch()
+    except NonFiniteLossError as exc:
+        return trial.failed(exc)
+    return metrics or trial.report_final()  # nothing left to run: resumed after the last epoch, or no epochs
 
-    def spec(m):
-        return model_spec(m, settings.model, data.num_classes, in_channels=input_shape[0], **spec_kwargs)
 
-    state: dict[str, Any] = {"epoch": 0, "history": []}
-    if resume_from is not None:
-        state = torch.load(Path(resume_from) / STATE_FILE, map_location="cpu", weights_only=True)
-        log.info("resuming %s at epoch %d/%d", method_name, state["epoch"], plan.total)
+@dataclass
+class _Trial:
+    """One trial's moving parts; ``start`` builds them (fresh or from a checkpoint), then the
+    stages (``prune``, ``run_epoch``, ``report_final``, ``failed``) change them in place."""
 
-    # The starting model and ``prepare`` (e.g. ManiDP's gate initialisation) draw from a stream fixed
-    # by the seed alone; a resumed trial then overwrites what they drew with the checkpoint.
-    torch.manual_seed(_stream_seed(settings.seed, 0, "start"))
-    pruned = state["epoch"] >= plan.phase_epochs and resume_from is not None
-    if pruned:
-        model, _ = load_model(Path(resume_from) / MODEL_DIR)
-        # The method's state travels on through the fine-tune (a later checkpoint carries it too).
-        method.load_state_dict(state.get("method", {}))
-    else:
-        setup = PruneContext(input_shape, device=device, seed=settings.seed, reference_macs=dense_macs)
-        model = method.prepare(_start_model(settings, method), setup)
+    settings: TrialSettings
+    method_name: str
+    method: PruningMethod
+    report: Reporter
+    device: torch.device
+    data: Any
+    plan: _Plan
+    train_loader: Any
+    val_loader: Any
+    reference: torch.nn.Module  # the unpruned architecture: its MACs, and its latency at the end
+    dense_macs: float
+    state: dict[str, Any]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    pruned: bool
+    _compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.input_shape)
+
+    @classmethod
+    def start(cls, settings: TrialSettings, method_name: str, hparams: dict[str, Any], report: Reporter,
+              resume_from: Path | None) -> "_Trial":
+        method = create_method(method_name, **hparams)
+        device = pick_device(settings.use_gpu)
+        data = load_data(settings)
+        input_shape = tuple(data.input_shape)
+        plan = _plan(settings, method)
+        # Digits and CIFAR live on the trial's device (no loader processes); ImageFolder gets workers.
+        workers = max(0, torch.get_num_threads() - 1)
+        train_loader = trial_loader(data.train, plan.finetune.batch_size, shuffle=True, seed=settings.seed,
+                                    device=device, num_workers=workers)
+        val_loader = trial_loader(data.val, EVAL_BATCH, shuffle=False, device=device, num_workers=workers)
+        # Built before the streams are seeded below, so drawing its random weights changes nothing.
+        reference = _reference_model(settings)
+        dense_macs = profile(reference, input_shape).macs
+        state: dict[str, Any] = {"epoch": 0, "history": []}
         if resume_from is not None:
-            model.load_state_dict(torch.load(Path(resume_from) / PHASE_WEIGHTS, map_location="cpu", weights_only=True))
-            method.load_state_dict(state["method"])
-    model.to(device)
-    optimizer = (method.make_finetune_optimizer(model, lr=plan.finetune.lr, momentum=plan.finetune.momentum,
-                                                weight_decay=plan.finetune.weight_decay) if pruned else
-                 method.make_optimizer(model, lr=settings.finetune.lr, momentum=settings.finetune.momentum,
-                                       weight_decay=settings.finetune.weight_decay))
-    if resume_from is not None and state.get("optimizer"):
-        optimizer.load_state_dict(state["optimizer"])
+            state = torch.load(Path(resume_from) / STATE_FILE, map_location="cpu", weights_only=True)
+            log.info("resuming %s at epoch %d/%d", method_name, state["epoch"], plan.total)
+        model, pruned = _start_or_resume(settings, method, plan, state, resume_from,
+                                         PruneContext(input_shape, device=device, seed=settings.seed,
+                                                      reference_macs=dense_macs))
+        model.to(device)
+        optimizer = (_finetune_optimizer(method, model, plan) if pruned else
+                     method.make_optimizer(model, lr=settings.finetune.lr, momentum=settings.finetune.momentum,
+                                           weight_decay=settings.finetune.weight_decay))
+        if resume_from is not None and state.get("optimizer"):
+            optimizer.load_state_dict(state["optimizer"])
+        return cls(settings, method_name, method, report, device, data, plan, train_loader, val_loader, reference,
+                   dense_macs, state, model, optimizer, pruned)
 
-    def prune_now():
-        nonlocal model, optimizer, pruned
+    def prune(self) -> None:
+        """The cut: calibration batches, the method's own draws and its fine-tune steps come from one
+        stream fixed by (seed, the epoch the surgery precedes), whether or not the trial resumed."""
         t0 = time.perf_counter()
-        # Calibration batches, the method's own draws and its fine-tune steps: one stream, fixed by
-        # (seed, the epoch the surgery precedes), whether or not the trial was resumed before it.
-        _seed_epoch(settings.seed, plan.phase_epochs, train_loader, stream="surgery")
-        calibration = [b for _, b in zip(range(settings.calibration_batches), train_loader)]
+        settings, loader, device = self.settings, self.train_loader, self.device
+        _seed_epoch(settings.seed, self.plan.phase_epochs, loader, stream="surgery")
+        calibration = [b for _, b in zip(range(settings.calibration_batches), loader)]
         context = PruneContext(
-            input_shape, device=device, calibration=calibration, seed=settings.seed,
-            finetune=lambda m, steps: train_steps(m, train_loader, steps, lr=settings.finetune.lr, device=device),
-            reference_macs=dense_macs,
+            self.input_shape, device=device, calibration=calibration, seed=settings.seed,
+            finetune=lambda m, steps: train_steps(m, loader, steps, lr=settings.finetune.lr, device=device),
+            reference_macs=self.dense_macs,
         )
-        model = method.prune(model, context).to(device)
-        pruned = True
-        optimizer = method.make_finetune_optimizer(model, lr=plan.finetune.lr, momentum=plan.finetune.momentum,
-                                                   weight_decay=plan.finetune.weight_decay)
-        log.info("%s pruned in %.1fs", method_name, time.perf_counter() - t0)
+        self.model = self.method.prune(self.model, context).to(device)
+        self.pruned = True
+        self.optimizer = _finetune_optimizer(self.method, self.model, self.plan)
+        log.info("%s pruned in %.1fs", self.method_name, time.perf_counter() - t0)
 
-    if not pruned and plan.phase_epochs == 0:
-        prune_now()
-
-    metrics: dict[str, Any] = {}
-    while state["epoch"] < plan.total:
-        epoch = state["epoch"]
-        stage = "phase" if epoch < plan.phase_epochs else "finetune"
-        _seed_epoch(settings.seed, epoch, train_loader)
+    def run_epoch(self) -> dict[str, Any]:
+        """Train one epoch (phase or fine-tune; the cut after the last phase epoch), evaluate,
+        report the metrics with a checkpoint."""
+        epoch, plan = self.state["epoch"], self.plan
+        stage = _stage(epoch, plan)
+        _seed_epoch(self.settings.seed, epoch, self.train_loader)
         if stage == "finetune":
-            ft_epoch = epoch - plan.phase_epochs
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(plan.finetune.lr, ft_epoch, plan.finetune.epochs)
-        try:
-            stats = train_epoch(model, train_loader, optimizer, device=device,
-                                method=method if stage == "phase" else None)
-        except NonFiniteLossError as exc:
-            # The trial ends here, recorded as failed (searcher: FAIL; MLflow: FAILED with the
-            # reason). It returns instead of raising so Tune neither retries a deterministic
-            # failure nor throws away the worker. Metrics are NaN: Tune insists they are present.
-            log.warning("%s: %s", method_name, exc)
-            metrics = {"epoch": epoch + 1, "stage": stage, "nonfinite": 1, "failure_reason": str(exc),
-                       "accuracy": math.nan, "macs": math.nan}
-            report(metrics, lambda d: None)
-            return metrics
+            for group in self.optimizer.param_groups:
+                group["lr"] = cosine_lr(plan.finetune.lr, epoch - plan.phase_epochs, plan.finetune.epochs)
+        stats = train_epoch(self._stepping_model(stage), self.train_loader, self.optimizer, device=self.device,
+                            method=self.method if stage == "phase" else None)
         if stage == "phase":
-            method.on_epoch_end(model, epoch, stats.loss)
-        if stage == "phase" and epoch + 1 == plan.phase_epochs:
-            prune_now()
-        accuracy, val_loss = evaluate(model, val_loader, device=device)
-        state["epoch"] = epoch + 1
+            self.method.on_epoch_end(self.model, epoch, stats.loss)
+            if epoch + 1 == plan.phase_epochs:
+                self.prune()
+        accuracy, val_loss = evaluate(self.model, self.val_loader, device=self.device)
+        self.state["epoch"] = epoch + 1
         # ``finetune_epoch``: epochs after the cut (0 in the phase), what early-stopping rungs count.
         metrics = {"epoch": epoch + 1, "stage": stage, "finetune_epoch": max(0, epoch + 1 - plan.phase_epochs),
                    "loss": stats.loss, "train_accuracy": stats.accuracy,
-                   "accuracy": accuracy, "val_loss": val_loss,
-                   **_cost_metrics(method, model, input_shape, val_loader, pruned, dense_macs),
-                   "params": count_params(model), "epoch_seconds": stats.seconds}
-        if metrics.get("removed_nothing") and state["epoch"] == max(plan.phase_epochs, 1):  # the first pruned epoch
+                   "accuracy": accuracy, "val_loss": val_loss, **self._cost_metrics(),
+                   "params": count_params(self.model), "epoch_seconds": stats.seconds}
+        if metrics.get("removed_nothing") and epoch + 1 == max(plan.phase_epochs, 1):  # the first pruned epoch
             log.warning("%s removed nothing: the pruned model has the dense model's %d MACs (prune_ratio %s)",
-                        method_name, int(dense_macs), method.hparams.get("prune_ratio", "-"))
-        if state["epoch"] == plan.total:
-            metrics.update(_final_metrics(model, method, data, input_shape, settings, device, dense_macs, reference))
-        state["history"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        report(metrics, lambda d: _save(d, state, model, optimizer, method, pruned, spec))
-    if not metrics:  # nothing left to run (resumed after the last epoch, or a zero-epoch plan)
-        metrics = {"epoch": state["epoch"], "stage": "finetune",
-                   **_final_metrics(model, method, data, input_shape, settings, device, dense_macs, reference)}
-        metrics["accuracy"], _ = evaluate(model, val_loader, device=device)
-        metrics.update(_cost_metrics(method, model, input_shape, val_loader, pruned, dense_macs))
-        metrics["params"] = count_params(model)
-        report(metrics, lambda d: _save(d, state, model, optimizer, method, pruned, spec))
-    return metrics
+                        self.method_name, int(self.dense_macs), self.method.hparams.get("prune_ratio", "-"))
+        if epoch + 1 == plan.total:
+            metrics.update(self._final_metrics())
+        self.state["history"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        self._report(metrics)
+        return metrics
+
+    def report_final(self) -> dict[str, Any]:
+        metrics = {"epoch": self.state["epoch"], "stage": "finetune", **self._final_metrics()}
+        metrics["accuracy"], _ = evaluate(self.model, self.val_loader, device=self.device)
+        metrics.update(self._cost_metrics())
+        metrics["params"] = count_params(self.model)
+        self._report(metrics)
+        return metrics
+
+    def failed(self, exc: NonFiniteLossError) -> dict[str, Any]:
+        """The trial ends here, recorded as failed (searcher: FAIL; MLflow: FAILED with the reason):
+        a non-finite loss in an epoch or in the surgery's own fine-tune steps (ThiNet's per-layer
+        recovery). It returns instead of raising so Tune neither retries a deterministic failure nor
+        throws away the worker. Metrics are NaN: Tune insists they are present."""
+        log.warning("%s: %s", self.method_name, exc)
+        epoch = self.state["epoch"]
+        out = {"epoch": epoch + 1, "stage": _stage(epoch, self.plan), "nonfinite": 1, "failure_reason": str(exc),
+               "accuracy": math.nan, "macs": math.nan}
+        self.report(out, lambda d: None)
+        return out
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    def _stepping_model(self, stage: str) -> torch.nn.Module:
+        """The module the epoch trains through: with ``settings.compile`` the fine-tune runs a
+        ``torch.compile`` of the pruned model (compiled again after the cut); checkpoints and
+        evaluation use the model itself."""
+        if stage != "finetune" or not self.settings.compile:
+            return self.model
+        if self._compiled is None or self._compiled[0] is not self.model:
+            self._compiled = (self.model, torch.compile(self.model))
+        return self._compiled[1]
+
+    def _cost_metrics(self) -> dict[str, float]:
+        return _cost_metrics(self.method, self.model, self.input_shape, self.val_loader, self.pruned, self.dense_macs)
+
+    def _final_metrics(self) -> dict[str, Any]:
+        return _final_metrics(self.model, self.method, self.data, self.input_shape, self.settings, self.device,
+                              self.dense_macs, self.reference)
+
+    def _report(self, metrics: dict[str, Any]) -> None:
+        state, model, optimizer, method, pruned = self.state, self.model, self.optimizer, self.method, self.pruned
+        self.report(metrics, lambda d: _save(d, state, model, optimizer, method, pruned, self._spec))
+
+    def _spec(self, model: torch.nn.Module) -> dict[str, Any]:
+        kwargs = {k: v for k, v in self.settings.model_kwargs.items() if k != "weights"}
+        if self.method.from_scratch and self.method.hparams.get("expansion"):
+            kwargs["width_mult"] = kwargs.get("width_mult", 1.0) * self.method.hparams["expansion"]
+        return model_spec(model, self.settings.model, self.data.num_classes, in_channels=self.input_shape[0], **kwargs)
+
+
+def _stage(epoch: int, plan: _Plan) -> str:
+    return "phase" if epoch < plan.phase_epochs else "finetune"
+
+
+def _start_or_resume(settings: TrialSettings, method: PruningMethod, plan: _Plan, state: dict[str, Any],
+                     resume_from: Path | None, setup: PruneContext) -> tuple[torch.nn.Module, bool]:
+    """(model, pruned): the starting model prepared by the method, or the checkpointed one. The
+    starting model and ``prepare`` (e.g. ManiDP's gate initialisation) draw from a stream fixed by
+    the seed alone; a resumed trial then overwrites what they drew with the checkpoint."""
+    torch.manual_seed(_stream_seed(settings.seed, 0, "start"))
+    if resume_from is not None and state["epoch"] >= plan.phase_epochs:
+        model, _ = load_model(Path(resume_from) / MODEL_DIR)
+        # The method's state travels on through the fine-tune (a later checkpoint carries it too).
+        method.load_state_dict(state.get("method", {}))
+        return model, True
+    model = method.prepare(_start_model(settings, method), setup)
+    if resume_from is not None:
+        model.load_state_dict(torch.load(Path(resume_from) / PHASE_WEIGHTS, map_location="cpu", weights_only=True))
+        method.load_state_dict(state["method"])
+    return model, False
+
+
+def _finetune_optimizer(method: PruningMethod, model: torch.nn.Module, plan: _Plan) -> torch.optim.Optimizer:
+    ft = plan.finetune
+    return method.make_finetune_optimizer(model, lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
 
 
 def _stream_seed(seed: int, epoch: int, stream: str) -> int:
