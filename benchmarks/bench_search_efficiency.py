@@ -1,10 +1,13 @@
 """Search efficiency: hypervolume against wall-clock time (the anytime curve) on the quickstart task,
 full-budget TPE against TPE + multi-objective early stopping, several seeds, in one run.
 
-    python benchmarks/bench_search_efficiency.py [--seeds 0 1 2] [--trials 16] [--out DIR]
+    python benchmarks/bench_search_efficiency.py [--seeds 0 1 2] [--trials 16] [--es-trials N]
+                                                 [--set KEY=VALUE ...] [--out DIR]
 
 Both arms run the quickstart config (every method, TPE, 2 concurrent trials) with the same seed and
-number of trials; the only difference is ``early_stopping.type`` (``none`` vs
+number of trials (unless ``--es-trials`` gives the early-stopping arm more: the time it saves,
+spent on trials); ``--set`` overrides the quickstart for both arms (e.g. ``finetune.epochs=9``).
+The other difference is ``early_stopping.type`` (``none`` vs
 ``successive_halving``, grace 1, reduction factor 2). The arms alternate (seed 0 full, seed 0 ES,
 seed 1 full, ...) so machine load hits both alike; the dense base model is trained once before and
 shared (its time is in neither number). Per sweep the clock starts when its first trial starts
@@ -72,6 +75,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--es-trials", type=int, default=None, help="trials of the early-stopping arm (default: --trials)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="quickstart override, both arms")
     ap.add_argument("--out", default=None, help="folder for the sweeps and curves.json (default: a temp dir)")
     args = ap.parse_args()
 
@@ -86,8 +91,8 @@ def main() -> None:
 
     root = Path(args.out or tempfile.mkdtemp(prefix="prunetune-efficiency-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    common = [f"num_trials={args.trials}", f"tracking_uri=sqlite:///{root}/mlflow.db",
-              f"storage_path={root}/ray_results"]
+    common = [f"tracking_uri=sqlite:///{root}/mlflow.db", f"storage_path={root}/ray_results", *args.set]
+    trials = {"full": args.trials, "es": args.es_trials or args.trials}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         settings = settings_from_config(load_config("configs/quickstart.yaml", common))
@@ -99,7 +104,7 @@ def main() -> None:
             row = {"seed": seed}
             for arm, es in (("full", "none"), ("es", "successive_halving")):
                 cfg = load_config("configs/quickstart.yaml", common + [
-                    f"seed={seed}", f"name=eff-{arm}-{seed}", f"early_stopping.type={es}"])
+                    f"seed={seed}", f"name=eff-{arm}-{seed}", f"early_stopping.type={es}", f"num_trials={trials[arm]}"])
                 t0 = time.perf_counter()
                 result = run_sweep(cfg)
                 row[f"sweep_s_{arm}"] = time.perf_counter() - t0
@@ -116,7 +121,8 @@ def main() -> None:
     finally:
         ray.shutdown()
     (root / "curves.json").write_text(json.dumps({"reference": reference, "rows": rows, "curves": curves}, indent=1))
-    print(f"\nreference: accuracy 0, dense MACs {reference[1]:,.0f}; {args.trials} trials a sweep; seeds {args.seeds}")
+    print(f"\nreference: accuracy 0, dense MACs {reference[1]:,.0f}; trials {trials}; overrides {args.set}; "
+          f"seeds {args.seeds}")
     print(f"T_es / T_full:              {_stats([r['T_es'] / r['T_full'] for r in rows])}")
     print(f"HV_es / HV_full:            {_stats([r['HV_es'] / r['HV_full'] for r in rows])}")
     print(f"reach (time to HV_full / T_full, goal <= 0.5): {_stats([r['reach'] for r in rows])}")
