@@ -214,7 +214,7 @@ class _Trial:
         log.warning("%s: %s", self.method_name, exc)
         epoch = self.state["epoch"]
         out = {"epoch": epoch + 1, "stage": _stage(epoch, self.plan), "nonfinite": 1, "failure_reason": str(exc),
-               "accuracy": math.nan, "macs": math.nan}
+               "accuracy": math.nan, "macs": math.nan, "params": math.nan}  # every per-epoch objective
         self.report(out, lambda d: None)
         return out
 
