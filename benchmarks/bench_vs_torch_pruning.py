@@ -18,7 +18,8 @@ For each seed, in a fresh temporary folder:
    ``weights.pt`` the sweep's trials load (its SHA-256 is printed), prunes, fine-tunes with the config's
    ``finetune`` section (SGD, momentum, weight decay, cosine schedule, batch size, epochs) and
    evaluates on the same validation split (``trainables.workspace.load_data``). Our option-A
-   ``ChannelPadShortcut`` is handled by a customized Torch-Pruning pruner (see tp_peer.py), not ignored.
+   ``ChannelPadShortcut`` is handled by a customized Torch-Pruning pruner (see tp_peer.py), not ignored;
+   the script first checks that pruning through it gives exactly the dense model with those channels zeroed.
 
 Both sides use both CPU cores: the sweep its ``max_concurrent_trials`` trials of one CPU each; the
 peer as many worker processes (one torch thread each), asking Optuna for a new trial as one ends.
@@ -216,9 +217,17 @@ def print_table(results: dict) -> None:
 def main(argv=None):
     args = parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # tp_peer
+    from tp_peer import check_shortcut_pruner
+
+    print(f"self-check: Torch-Pruning through ChannelPadShortcut == zeroed dense model "
+          f"(max output difference {check_shortcut_pruner():.1e})", flush=True)
     t0 = time.perf_counter()
-    results = {seed: one_seed(args, seed) for seed in args.seeds}
-    print_table(results)
+    results = {}
+    for seed in args.seeds:
+        results[seed] = one_seed(args, seed)
+        print_table({seed: results[seed]})  # so a seed's numbers are out even if a later one breaks
+    if len(results) > 1:
+        print_table(results)
     print(f"whole benchmark: {time.perf_counter() - t0:.0f} s")
 
 

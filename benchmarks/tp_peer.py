@@ -104,7 +104,7 @@ def run_peer_trial(base_dir: str, settings, params: dict) -> dict:
     section says (same optimizer, cosine schedule, loader seed), evaluate on the same val split."""
     torch.set_num_threads(1)  # one core per trial, as prunetune's trials get
     from methods.cost import profile
-    from trainables.data import make_loader
+    from trainables.device_data import trial_loader
     from trainables.model_io import load_model
     from trainables.train import cosine_lr, evaluate, train_epoch
     from trainables.workspace import load_data
@@ -123,8 +123,9 @@ def run_peer_trial(base_dir: str, settings, params: dict) -> dict:
     ft = settings.finetune
     device = torch.device("cpu")
     opt = torch.optim.SGD(model.parameters(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
-    train_loader = make_loader(data.train, ft.batch_size, shuffle=True, seed=settings.seed)
-    val_loader = make_loader(data.val, 256, shuffle=False)
+    # The loaders prunetune's trials use (digits: the whole split as tensors, seeded order).
+    train_loader = trial_loader(data.train, ft.batch_size, shuffle=True, seed=settings.seed, device=device)
+    val_loader = trial_loader(data.val, 256, shuffle=False, device=device)
     for epoch in range(ft.epochs):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(ft.lr, epoch, ft.epochs)
@@ -132,3 +133,43 @@ def run_peer_trial(base_dir: str, settings, params: dict) -> dict:
     accuracy, _ = evaluate(model, val_loader, device=device)
     return {"accuracy": accuracy, "macs": float(macs), "dense_macs": float(dense_macs),
             "seconds": time.perf_counter() - t0}
+
+
+def check_shortcut_pruner(atol: float = 1e-5) -> float:
+    """Self-check of ``ShortcutPruner`` (the benchmark runs it first): cutting residual channels of
+    ResNet-20 through Torch-Pruning (stage 1: the shortcut's inputs; stage 2: its outputs too) gives
+    the same function as the dense model with those channels zeroed at every producer and dropped
+    from the shortcut's map. Returns the largest output difference; raises if above ``atol``."""
+    import copy
+
+    from trainables.models import create_model
+
+    torch.manual_seed(0)
+    dense = create_model("resnet20", 10)
+    for bn in dense.modules():
+        if isinstance(bn, nn.BatchNorm2d):  # non-trivial statistics, so a wrong channel shows
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+            bn.running_mean.uniform_(-0.1, 0.1)
+    dense.eval()
+    cut = {"layer1": [0, 3], "layer2": [1, 20]}
+    zeroed = copy.deepcopy(dense)
+    for bn in [zeroed.bn1] + [b.bn2 for b in zeroed.layer1]:
+        bn.weight.data[cut["layer1"]] = 0
+        bn.bias.data[cut["layer1"]] = 0
+    for b in zeroed.layer2:
+        b.bn2.weight.data[cut["layer2"]] = 0
+        b.bn2.bias.data[cut["layer2"]] = 0
+    zeroed.layer2[0].shortcut.source[cut["layer2"]] = -1
+    pruned = copy.deepcopy(dense)
+    with traced_shortcuts():
+        graph = tp.DependencyGraph().build_dependency(pruned, torch.randn(1, 3, 32, 32),
+                                                      customized_pruners={ChannelPadShortcut: ShortcutPruner()})
+    for stage, idxs in cut.items():
+        graph.get_pruning_group(getattr(pruned, stage)[-1].conv2, tp.prune_conv_out_channels, idxs=idxs).prune()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        diff = (pruned(x) - zeroed(x)).abs().max().item()
+    if diff > atol:
+        raise AssertionError(f"ShortcutPruner: pruned model differs from the zeroed dense one by {diff:.3g}")
+    return diff

@@ -27,7 +27,7 @@ __all__ = ["PruningMethod", "PruneContext", "PRUNE_RATIO", "PHASE_EPOCHS", "SCOP
            "allocation_hp"]
 
 # Shared declarations, so every method spells and ranges them the same way.
-PRUNE_RATIO = Hyperparameter("prune_ratio", 0.5, 0.05, 0.95,
+PRUNE_RATIO = Hyperparameter("prune_ratio", 0.5, 0.05, 0.98,
                              doc="fraction of the dense model's MACs removed")
 PHASE_EPOCHS = Hyperparameter("phase_epochs", 2, 0, 200, kind="int", doc="epochs of the method's training phase")
 #: Which channel groups may lose channels: block-internal ones only (what the papers did on
@@ -75,9 +75,6 @@ class PruningMethod(ABC):
     from_scratch: ClassVar[bool] = False
     #: The pruned model keeps all weights and skips channels per input (cost is an average).
     dynamic: ClassVar[bool] = False
-    #: The training phase, not the cut, reaches ``prune_ratio`` (ISTA removes only what its phase
-    #: zeroed); a phase too short to get there prunes less.
-    target_from_phase: ClassVar[bool] = False
 
     def __init__(self, **hparams: Any):
         declared = {hp.name: hp for hp in self.hyperparameters}

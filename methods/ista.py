@@ -31,9 +31,10 @@ After every step the MACs the zero gammas would remove are computed exactly
 (``methods.budget.MacsModel``); while they fall short of the target and have not grown over the
 last ``RHO_WINDOW`` steps, rho doubles (at most ``RHO_MAX_SCALE`` times the searched rho); once the
 target is reached the penalty stops and the zero set is held (those gammas stay exactly zero).
-The cut removes the zero-gamma channels only, so it stays exact; ``round_to`` keeps some zero
-channels where a multiple needs them, never removes a live one. A phase too short to reach the
-target is logged with the reduction it reached.
+The cut removes the zero-gamma channels, exactly (``round_to`` keeps some zero channels where a
+multiple needs them). A phase too short to reach the target leaves the cut to finish the job: the
+smallest |gamma| norms go too, by one global bisection over the MACs (that part of the cut is not
+exact, and is logged), so every trial lands on its ``prune_ratio``.
 
 The input shape comes from ``prepare``'s context (else ``extra_loss`` records it from the first
 training batch); the first ``after_step`` measures the layers' output sizes with one batch-1
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .base import PHASE_EPOCHS, PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod
-from .budget import MacsModel, keep_top, round_width
+from .budget import MacsModel, allocate, keep_top, round_width
 from .graph import DependencyGraph
 from .hyperparameters import Hyperparameter
 from .layers import ChannelPadShortcut
@@ -109,7 +110,6 @@ class ISTA(PruningMethod):
         Hyperparameter("alpha", 0.1, 0.01, 1.0, log=True, doc="gamma-W rescaling factor before the phase"),
         PHASE_EPOCHS, PRUNE_RATIO, SCOPE, ROUND_TO,
     )
-    target_from_phase = True
 
     def __init__(self, **hparams: Any):
         super().__init__(**hparams)
@@ -394,33 +394,50 @@ class ISTA(PruningMethod):
         graph = DependencyGraph(model)
         layers = self._layers if self._layers is not None else self._find_layers(graph, self.hparams["scope"])
         constants = _consumer_constants(model, layers, context)
-        removed_total, total = 0, 0
+        groups = [graph.group_of(layer.producer) for layer in layers]
+        norms, removable, folded = [], [], []
         for layer in layers:
-            group = graph.group_of(layer.producer)
             gammas = [model.get_submodule(bn).weight.detach() for bn in layer.bns]
-            total += gammas[0].numel()
-            removable = self._zero_mask(gammas)
+            norms.append(torch.sqrt(sum(g.float() ** 2 for g in gammas)).cpu())
+            ok = self._zero_mask(gammas)
             for pad in layer.pads:  # a channel the shortcut fills from data is not constant
-                removable &= model.get_submodule(pad).source.to(removable.device) < 0
-            per_consumer = {}
+                ok &= model.get_submodule(pad).source.to(ok.device) < 0
             for name, (value, is_constant) in constants[layer.bn].items():
-                removable &= is_constant
+                ok &= is_constant
                 if isinstance(model.get_submodule(name), ChannelPadShortcut):
-                    removable &= value == 0  # a shortcut cannot absorb a constant
-                per_consumer[name] = value
-            kept = round_width(int((~removable).sum()), group.size, round_to=self.hparams["round_to"])
-            if kept >= group.size:
-                continue
-            # Every live channel is kept (round_to only rounds up), then zeros by position.
-            norm = torch.sqrt(sum(g.float() ** 2 for g in gammas))
-            score = torch.where(removable, torch.full_like(norm, -1.0), norm)
-            prune_group(graph, group, keep_top(score, kept), constants=per_consumer)
-            removed_total += gammas[0].numel() - kept
-        reached = self.zero_reduction(model)
-        log.info("ista: removed %d of %d penalised channels (MACs reduction %s, target %.4f)", removed_total, total,
-                 "?" if reached is None else f"{reached:.4f}", self.hparams["prune_ratio"])
+                    ok &= value == 0  # a shortcut cannot absorb a constant
+            removable.append(ok.cpu())
+            # Only a removed channel that really is constant has its value folded into a consumer.
+            folded.append({name: torch.where(ok, value, torch.zeros_like(value))
+                           for name, (value, _) in constants[layer.bn].items()})
+        kept = self._widths(model, graph, groups, removable, norms, context)
+        for group, ok, norm, keep_n, per_consumer in zip(groups, removable, norms, kept, folded):
+            if keep_n < group.size:
+                # Live channels by |gamma| norm; the exactly-removable zeros always go first.
+                score = torch.where(ok, torch.full_like(norm, -1.0), norm)
+                prune_group(graph, group, keep_top(score, keep_n), constants=per_consumer)
         return model
 
+    def _widths(self, model, graph, groups, removable, norms, context) -> list[int]:
+        """Kept channels per layer: every exactly-removable zero goes (``round_to`` rounds up over
+        zeros only); if that falls short of ``prune_ratio`` (a phase too short to get there), the
+        smallest |gamma| norms go too, by one global bisection (that part of the cut is not exact)."""
+        round_to = self.hparams["round_to"]
+        zero_only = [round_width(int((~ok).sum()), g.size, round_to=round_to) for g, ok in zip(groups, removable)]
+        macs = MacsModel(model, graph, groups, context.input_shape)
+        reference = float(context.reference_macs or self._reference or macs.total)
+        reached = 1.0 - macs.macs(zero_only) / reference
+        target = self.hparams["prune_ratio"]
+        if reached >= target:
+            log.info("ista: removing the %d zero-gamma channels, MACs reduction %.4f (target %.4f)",
+                     sum(int(ok.sum()) for ok in removable), reached, target)
+            return zero_only
+        scores = [torch.where(ok, torch.full_like(n, -1.0), n) for ok, n in zip(removable, norms)]
+        plan = allocate(macs, scores, target, reference=reference, allocation="global", round_to=round_to,
+                        normalise=False)
+        log.info("ista: the phase zeroed channels worth %.4f of the MACs (target %.4f); removing the smallest "
+                 "|gamma| too: MACs reduction %.4f", reached, target, plan.reduction)
+        return plan.kept
 
 def _homogeneous_path(graph: DependencyGraph, bn: str, consumers: list[str]) -> bool:
     """True when everything between ``bn``'s output and the consumers is positively homogeneous

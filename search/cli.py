@@ -77,7 +77,9 @@ def _print_result(result, tracking_uri) -> None:
         out.write(f"  {p.method:<10} {p.accuracy:>9.4f} {p.test_accuracy:>9.4f} {int(p.macs):>12,} {int(p.params):>10,} "
                   f"{p.latency_ms:>11.3f} {p.latency_ratio:>9.3f}  {p.run_id}\n")
     if tracking_uri:
-        out.write(f"\nlook at it: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1\n")
+        from .ui_links import look_at_it
+
+        out.write("\n" + look_at_it(tracking_uri, result.parent_run_id, result.objective))
 
 
 def _front_title(result) -> str:

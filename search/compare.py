@@ -1,8 +1,10 @@
 """Compare accuracy-versus-cost fronts: several sweeps overlaid, or the methods of one sweep.
 
 ``prunetune fronts EXPERIMENT [EXPERIMENT ...]`` where EXPERIMENT is a sweep directory (it holds
-``STATE_FILE``, which names the parent run and the tracking URI) or an MLflow experiment name (its
-latest parent run tagged ``prunetune.sweep=true``, looked up under ``--tracking-uri``).
+``STATE_FILE``, which names the parent run and the tracking URI) or an MLflow experiment name (every
+parent run tagged ``prunetune.sweep=true``, one series each, looked up under ``--tracking-uri``;
+``--latest``: only the latest). The overlay is also recorded as an MLflow run (HTML, PNG and CSV,
+``search.comparison_run``) whose URL is printed (two-objective sweeps).
 
 With several experiments each sweep is one series; with ``--by-method`` or a single experiment each
 method of each sweep is one. Every series' front is plotted in one PNG and printed as a table, with
@@ -40,7 +42,7 @@ from .sweep import STATE_FILE
 from .store import open_client, sqlite_path
 from .tracking import SWEEP_TAG, child_runs
 
-__all__ = ["SweepRef", "FrontSeries", "resolve_sweep", "collect_fronts", "compare_fronts", "format_table",
+__all__ = ["SweepRef", "FrontSeries", "resolve_sweep", "resolve_sweeps", "collect_fronts", "compare_fronts", "format_table",
            "add_fronts_command", "DEFAULT_TRACKING_URI"]
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ class FrontSeries:
     hypervolume: float = math.nan
     objective: str | None = "macs"
     objectives: tuple[str, ...] = _obj.DEFAULT
+    parent_run_id: str = ""         # the sweep's parent run, in ``tracking_uri``
+    tracking_uri: str = ""
+    method: str | None = None       # the one method of a by-method series
 
 
 # ---- resolving EXPERIMENT arguments -----------------------------------------------------------------------
@@ -150,7 +155,13 @@ def resolve_sweep(source: str | Path, tracking_uri: str | None = None) -> SweepR
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise ConfigError(f"experiment {text!r} in {uri} has no prunetune sweep run (tag {SWEEP_TAG}=true)")
-    run = runs[0]
+    return _ref_for_run(text, uri, runs[0], exp.name)
+
+
+def _ref_for_run(label: str, uri: str, run, experiment_name: str) -> SweepRef:
+    """The :class:`SweepRef` of a sweep's parent run found by experiment name (its state file, when
+    its sweep directory is still there and names this run, gives the config)."""
+    text = label
     exp_dir = run.data.tags.get(EXPERIMENT_DIR_TAG)
     config = None
     if exp_dir and _is_sweep_dir(exp_dir):
@@ -161,7 +172,24 @@ def resolve_sweep(source: str | Path, tracking_uri: str | None = None) -> SweepR
         if state.get("parent_run_id") == run.info.run_id:
             config = state.get("config")
     exp_loc = (exp_dir if storage.is_uri(exp_dir) else Path(exp_dir)) if exp_dir else None
-    return SweepRef(text, uri, run.info.run_id, exp.name, exp_loc, config, *_objectives_of(config, run, text))
+    return SweepRef(text, uri, run.info.run_id, experiment_name, exp_loc, config, *_objectives_of(config, run, text))
+
+
+def resolve_sweeps(source: str | Path, tracking_uri: str | None = None, latest: bool = False) -> list[SweepRef]:
+    """Like :func:`resolve_sweep`, but an experiment name means every sweep of the experiment, oldest
+    first (labelled ``NAME@<sweep run name>`` when there are several); ``latest``: only its latest."""
+    ref = resolve_sweep(source, tracking_uri)  # checks the argument, and is the answer for a directory
+    text = str(source)
+    if latest or storage.is_uri(text) or Path(text).expanduser().is_dir():  # a sweep directory is one sweep
+        return [ref]
+    client = ref.client()
+    exp = client.get_experiment_by_name(ref.experiment_name)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = 'true'",
+                              order_by=["attributes.start_time ASC"], max_results=10000)
+    if len(runs) <= 1:
+        return [ref]
+    return [_ref_for_run(f"{ref.label}@{r.info.run_name or r.info.run_id[:8]}", ref.tracking_uri, r, exp.name)
+            for r in runs]
 
 
 def _objectives_of(config: dict[str, Any] | None, parent_run, source: str) -> tuple[str | None, tuple[str, ...]]:
@@ -210,12 +238,13 @@ def _unique_labels(refs: Sequence[SweepRef]) -> list[str]:
     return [f"{lab}@{r.parent_run_id[:8]}" if labels.count(lab) > 1 else lab for lab, r in zip(labels, refs)]
 
 
-def collect_fronts(sources: Sequence[str | Path], by_method: bool = False,
-                   tracking_uri: str | None = None) -> tuple[list[FrontSeries], tuple[float, ...]]:
-    """Series (one per sweep, or per method) and the common hypervolume reference they were scored on."""
+def collect_fronts(sources: Sequence[str | Path], by_method: bool = False, tracking_uri: str | None = None,
+                   latest: bool = False) -> tuple[list[FrontSeries], tuple[float, ...]]:
+    """Series (one per sweep, or per method) and the common hypervolume reference they were scored on.
+    An experiment name stands for all its sweeps (``latest``: its latest one only)."""
     if not sources:
         raise ConfigError("fronts: give at least one experiment (a sweep directory or an MLflow experiment name)")
-    refs = [resolve_sweep(s, tracking_uri) for s in sources]
+    refs = [ref for s in sources for ref in resolve_sweeps(s, tracking_uri, latest)]
     objectives = {r.objectives for r in refs}
     if len(objectives) > 1:
         which = ", ".join(f"{lab}: {'/'.join(r.objectives)}" for lab, r in zip(_unique_labels(refs), refs))
@@ -223,7 +252,7 @@ def collect_fronts(sources: Sequence[str | Path], by_method: bool = False,
     names = objectives.pop()
     shorthand = refs[0].objective
     split = by_method or len(refs) == 1
-    raw: list[tuple[str, str, list[TrialPoint]]] = []
+    raw: list[tuple[str, str, list[TrialPoint], SweepRef, str | None]] = []
     dense: list[dict[str, float]] = []
     for ref, label in zip(refs, _unique_labels(refs)):
         client = ref.client()
@@ -235,19 +264,19 @@ def collect_fronts(sources: Sequence[str | Path], by_method: bool = False,
         if split:
             for method in sorted({p.method for p in points}):
                 name = method if len(refs) == 1 else f"{label}/{method}"
-                raw.append((name, label, [p for p in points if p.method == method]))
+                raw.append((name, label, [p for p in points if p.method == method], ref, method))
         else:
-            raw.append((label, label, points))
+            raw.append((label, label, points, ref, None))
     largest = {}
     for key in {k for d in dense for k in d}:
         finite = [d[key] for d in dense if math.isfinite(d.get(key, math.nan))]
         if finite:
             largest[key] = max(finite)
-    reference = reference_point(names, largest, [p for _, _, pts in raw for p in pts])
+    reference = reference_point(names, largest, [p for _, _, pts, *_ in raw for p in pts])
     series = [FrontSeries(name, sweep, pts, front_of(pts, names),
                           hypervolume([p.objectives for p in pts], reference, _obj.directions(names)) if pts else 0.0,
-                          shorthand, names)
-              for name, sweep, pts in raw]
+                          shorthand, names, ref.parent_run_id, ref.tracking_uri, method)
+              for name, sweep, pts, ref, method in raw]
     return series, reference
 
 
@@ -317,10 +346,20 @@ def format_table(series: Sequence[FrontSeries], reference: Sequence[float]) -> s
 
 def _cmd_fronts(args, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    series, reference = collect_fronts(args.experiments, args.by_method, args.tracking_uri)
+    from .comparison_run import log_comparison
+    from .ui_links import ui_command
+
+    series, reference = collect_fronts(args.experiments, args.by_method, args.tracking_uri, args.latest)
     png = _plot(series, Path(args.out))
     out.write(format_table(series, reference))
     out.write(f"\nplot: {png}\n")
+    if series and series[0].objective is None:  # the recorded overlay draws accuracy against one cost
+        return 0
+    recorded = log_comparison(series, reference, png)
+    if recorded:
+        command = ui_command(recorded.tracking_uri)
+        out.write(f"MLflow run: {recorded.run_id}{f' (serve the UI: {command})' if command else ''}\n"
+                  f"  {recorded.url}\n  overlay (interactive): {recorded.html_url}\n")
     return 0
 
 
@@ -334,6 +373,8 @@ def add_fronts_command(subparsers) -> argparse.ArgumentParser:
                    help="a sweep directory (printed by `prunetune run`) or an MLflow experiment name")
     p.add_argument("--out", default="fronts.png", metavar="PNG", help="the plot to write (default: fronts.png)")
     p.add_argument("--by-method", action="store_true", help="one series per method of each sweep")
+    p.add_argument("--latest", action="store_true",
+                   help="an experiment name means its latest sweep only (default: every sweep of it, one series each)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
                    help=f"MLflow tracking URI for experiment names (default: {DEFAULT_TRACKING_URI}); "
                         "a sweep directory names its own")

@@ -1,5 +1,6 @@
 """Fronts from MLflow records: collect a sweep's finished trials, tag the non-dominated ones
-``pareto=true``, and write the front as a table (CSV) and a plot (PNG).
+``pareto=true``, and write the front as a table (CSV), a plot (PNG) and, for the two-objective
+sweeps, an interactive page (HTML, ``search.front_html``) that MLflow shows inline.
 
 The objectives are the sweep's (``objectives`` in its config, see ``search.objectives``; the
 ``objective`` shorthand, or ``[accuracy, macs]`` for sweeps older than both): two or three of
@@ -147,9 +148,18 @@ def record_front(client: MlflowClient, parent_run_id: str, out_dir: Path,
                            objective=names)
     client.log_artifact(parent_run_id, str(csv_path))
     client.log_artifact(parent_run_id, str(png_path))
+    shorthand = next((k for k, v in _obj.SHORTHANDS.items() if v == names), None)
+    if shorthand is not None:  # the interactive front draws accuracy against one cost
+        try:  # a plotting problem must not lose the sweep's records
+            from .front_html import HTML_NAME, sweep_figure, write_html
+
+            dense_value = dense_macs.get("dense_macs") if isinstance(dense_macs, Mapping) else dense_macs
+            fig = sweep_figure(client, parent_run_id, shorthand, dense_value, [p.run_id for p in best])
+            client.log_artifact(parent_run_id, str(write_html(fig, out_dir / HTML_NAME)))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not write the interactive front of sweep run %s: %s", parent_run_id, exc)
     summary = {"trials": len(points), "front_size": len(best), "hypervolume": math.nan,
-               "objective": next((k for k, v in _obj.SHORTHANDS.items() if v == names), None), "objectives": names,
-               "infeasible": len(points) - len(candidates)}
+               "objective": shorthand, "objectives": names, "infeasible": len(points) - len(candidates)}
     if isinstance(dense_macs, Mapping):
         for key, value in dense_macs.items():
             if value is not None and math.isfinite(value):

@@ -1,11 +1,15 @@
 """Promote the best model on a sweep's Pareto front to the MLflow Model Registry.
 
 ``prunetune promote EXPERIMENT --name NAME [--max-macs N | --max-latency-ratio R | --min-accuracy A]
-[--alias champion] [--allow-running]``
+[--alias champion] [--latest] [--allow-running]``
+
+EXPERIMENT is a sweep directory or an MLflow experiment name; a name means all its sweeps (the best
+over their fronts, and the output says which sweep it came from), ``--latest`` its latest only.
 
 0. The sweep must be finished (its parent run FINISHED): a running, interrupted or failed sweep has
-   no final front, so it is refused in one line unless ``--allow-running``.
-1. Candidates: the sweep's front of (accuracy, its searched cost: MACs or ``latency_ratio``, per the
+   no final front, so it is refused in one line unless ``--allow-running`` (of an experiment's
+   several sweeps, the unfinished ones are left out, with a warning naming them).
+1. Candidates: each sweep's front of (accuracy, its searched cost: MACs or ``latency_ratio``, per the
    sweep's ``objective``) (trial runs tagged ``pareto=true``; recomputed with ``search.pareto.front``
    when some finished trial has no ``pareto`` tag).
 2. Choice: with ``--max-macs`` the most accurate with ``macs <= N``; with ``--max-latency-ratio`` the
@@ -16,11 +20,14 @@
 3. The run's ``model/`` artifacts are rebuilt with ``trainables.model_io.load_model`` and
    re-evaluated on the TEST split of the sweep's data set (config from the sweep's state file, else
    from the parent run's params).
-4. A new run in the sweep's experiment (tagged with the source run; not a child of the parent run,
-   so it never counts as a trial) logs the model with ``mlflow.pytorch.log_model`` in the
-   pickle-free ``pt2`` format (``torch.export``: no prunetune class is needed to load it), with an
-   input example and explicit ``pip_requirements``, registered as NAME (the LoggedModel, too, belongs
-   to the sweep's experiment). The version is tagged with its metrics, method and source run.
+4. The trial's own MLflow model (every finished trial logs one: pt2, ``search.mlflow_model``) is
+   registered as NAME, so the version's source run is the trial, which is tagged
+   ``promoted_to=NAME/VERSION``. A new run in the sweep's experiment (tagged with the source run; not
+   a child of the parent run, so it never counts as a trial) records the re-evaluation; for a trial
+   recorded before trials had an MLflow model, it logs the model itself with
+   ``mlflow.pytorch.log_model`` in the pickle-free ``pt2`` format (``torch.export``: no prunetune
+   class is needed to load it), with an input example and explicit ``pip_requirements``. The version
+   is tagged with its metrics, method, source run and sweep run.
 5. The alias (default ``champion``) moves to the new version only if the re-evaluated test accuracy
    matches the recorded one within ``tolerance``; otherwise the version is tagged
    ``validation=failed``, the alias stays where it was and :class:`PromotionError` is raised.
@@ -41,8 +48,10 @@ from typing import Any, Iterator, Sequence, TextIO
 
 from methods.errors import ConfigError, PruneTuneError
 
-from .compare import DEFAULT_TRACKING_URI, SweepRef, resolve_sweep
+from .compare import DEFAULT_TRACKING_URI, SweepRef, resolve_sweeps
 from .fronts import FEASIBLE_TAG, TrialPoint, front_of, sweep_points
+from .mlflow_model import log_pt2_model, trial_model_id
+from .mlflow_model import tracking_uri as _tracking_uri
 from .tracking import child_runs
 
 __all__ = ["promote", "PromotionResult", "PromotionError", "select_candidate", "pareto_candidates",
@@ -52,6 +61,7 @@ log = logging.getLogger(__name__)
 SOURCE_RUN_TAG = "prunetune.source_run_id"
 SWEEP_RUN_TAG = "prunetune.sweep_run_id"
 PROMOTION_TAG = "prunetune.promotion"
+PROMOTED_TO_TAG = "promoted_to"  # on the trial run: NAME/VERSION
 VALIDATION_FAILED_EXIT = 1
 _EXAMPLE_BATCH = 4  # > 1, so the exported program keeps a dynamic batch dimension
 
@@ -84,6 +94,7 @@ class PromotionResult:
     logged_model_id: str            # MLflow 3 LoggedModel id (the version's source is models:/<id>)
     log_model_seconds: float
     latency_ratio: float = math.nan  # pruned / dense latency recorded by the trial (NaN for old sweeps)
+    sweep: str = ""                  # the sweep it came from (label: directory, or experiment@sweep run name)
 
 
 # ---- choosing ------------------------------------------------------------------------------------------------
@@ -189,22 +200,6 @@ def _reevaluate(model, data_settings: dict[str, Any]):
 
 # ---- MLflow ---------------------------------------------------------------------------------------------------------
 @contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at ``uri`` for the block, then put back what was there."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    previous, env = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if env is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = env
-
-
-@contextmanager
 def _env(**values: str) -> Iterator[None]:
     """Set environment variables for the block, then restore them."""
     saved = {k: os.environ.get(k) for k in values}
@@ -219,17 +214,6 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def pip_requirements() -> list[str]:
-    """What the pt2 model needs to load and run: torch (same release: pt2 archives are versioned)
-    and mlflow. Explicit, because inferring them costs a subprocess that imports the model (~20x)."""
-    import mlflow
-    import numpy
-    import torch
-
-    torch_release = torch.__version__.split("+")[0]
-    return [f"torch=={torch_release}", f"mlflow=={mlflow.__version__}", f"numpy=={numpy.__version__}"]
-
-
 def _metric_tags(p: TrialPoint, reevaluated: float) -> dict[str, str]:
     tags = {"accuracy": f"{p.accuracy:.6g}", "test_accuracy": f"{p.test_accuracy:.6g}",
             "reevaluated_test_accuracy": f"{reevaluated:.6g}", "macs": f"{p.macs:.0f}",
@@ -240,19 +224,77 @@ def _metric_tags(p: TrialPoint, reevaluated: float) -> dict[str, str]:
     return tags
 
 
+def _finished_sweeps(refs: list[SweepRef], allow_running: bool) -> list[SweepRef]:
+    """The sweeps to promote from: one sweep must be finished (``_check_finished``); of several, the
+    unfinished ones are left out (with a warning), unless ``allow_running``."""
+    if len(refs) == 1 or allow_running:
+        for ref in refs:
+            _check_finished(ref, allow_running)
+        return refs
+    status = {r.parent_run_id: r.client().get_run(r.parent_run_id).info.status for r in refs}
+    done = [r for r in refs if status[r.parent_run_id] == "FINISHED"]
+    for r in refs:
+        if status[r.parent_run_id] != "FINISHED":
+            log.warning("sweep %s (parent run %s) is %s: left out (--allow-running to include it)", r.label,
+                        r.parent_run_id, status[r.parent_run_id])
+    if not done:
+        _check_finished(refs[-1], False)  # raises, naming the latest
+    return done
+
+
+def _choose(source, tracking_uri, latest, max_macs, min_accuracy, max_latency_ratio,
+            allow_running: bool = False) -> tuple[SweepRef, TrialPoint]:
+    """(sweep, trial) to promote: the best under the budget over the fronts of ``source``'s sweeps."""
+    refs = _finished_sweeps(resolve_sweeps(source, tracking_uri, latest), allow_running)
+    owner: dict[str, SweepRef] = {}
+    candidates: list[TrialPoint] = []
+    for ref in refs:
+        try:
+            found = pareto_candidates(ref)
+        except ConfigError:  # a sweep without a finished trial: the others may still have one
+            if len(refs) == 1:
+                raise
+            log.info("sweep %s has no finished trial; skipped", ref.label)
+            continue
+        candidates += found
+        owner.update((p.run_id, ref) for p in found)
+    if not candidates:
+        raise ConfigError(f"promote: no sweep of {str(source)!r} has a finished trial to promote")
+    pick = select_candidate(candidates, max_macs, min_accuracy, max_latency_ratio)
+    return owner[pick.run_id], pick
+
+
+def _register(client, uri: str, trial_run_id: str, promotion_run_id: str, name: str, model, data):
+    """Register the trial's own pt2 model (source run = the trial); a trial recorded before trials
+    had one gets it logged in the promotion run. Returns (version, LoggedModel id, seconds)."""
+    import mlflow
+    import torch
+
+    model_id = trial_model_id(client, trial_run_id)
+    if model_id is not None:
+        t0 = time.perf_counter()
+        with _tracking_uri(uri):
+            mv = mlflow.register_model(f"models:/{model_id}", name)
+        log.info("registered the trial's own model %s in %.1fs", model_id, time.perf_counter() - t0)
+        return str(mv.version), model_id, time.perf_counter() - t0
+    log.info("trial run %s has no MLflow model (recorded before trials had one): logging it now", trial_run_id)
+    example = torch.stack([data.test[i][0] for i in range(min(_EXAMPLE_BATCH, len(data.test)))]).numpy()
+    info, seconds = log_pt2_model(client, promotion_run_id, model, example, registered_model_name=name)
+    log.info("logged and registered the model in %.1fs", seconds)
+    return str(info.registered_model_version), info.model_id, seconds
+
+
 def promote(source: str | Path, name: str, max_macs: float | None = None, min_accuracy: float | None = None,
             alias: str = "champion", tracking_uri: str | None = None, tolerance: float = 0.005,
-            max_latency_ratio: float | None = None, allow_running: bool = False) -> PromotionResult:
-    """Register the best front model of sweep ``source`` under ``name`` and move ``alias`` to it.
+            max_latency_ratio: float | None = None, latest: bool = False,
+            allow_running: bool = False) -> PromotionResult:
+    """Register the best front model of ``source`` under ``name`` and move ``alias`` to it: a sweep
+    directory, or an experiment name (the best over all its sweeps; ``latest``: its latest sweep only).
 
     See the module docstring. Raises ``ConfigError`` (nothing registered) for bad arguments or a
     budget nothing meets, and :class:`PromotionError` (registered, alias not moved) when the
     re-evaluated test accuracy differs from the recorded one by more than ``tolerance``.
     """
-    import mlflow
-    import mlflow.pytorch
-    import torch
-
     from trainables.model_io import load_model
 
     if not isinstance(name, str) or not name.strip():
@@ -268,9 +310,7 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
     if max_latency_ratio is not None and not (math.isfinite(max_latency_ratio) and max_latency_ratio > 0):
         raise ConfigError(f"promote: --max-latency-ratio must be a positive number, got {max_latency_ratio!r}")
 
-    ref = resolve_sweep(source, tracking_uri)
-    _check_finished(ref, allow_running)
-    pick = select_candidate(pareto_candidates(ref), max_macs, min_accuracy, max_latency_ratio)
+    ref, pick = _choose(source, tracking_uri, latest, max_macs, min_accuracy, max_latency_ratio, allow_running)
     log.info("promoting %s from sweep %s", _describe(pick), ref.label)
     data_settings = _data_settings(ref)
     client = ref.client()
@@ -288,36 +328,20 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
     log.info("re-evaluated test accuracy %.4f (recorded %.4f, tolerance %g): %s", reevaluated, recorded, tolerance,
              "ok" if validated else "MISMATCH")
 
-    example = torch.stack([data.test[i][0] for i in range(min(_EXAMPLE_BATCH, len(data.test)))]).numpy()
     exp_id = client.get_run(ref.parent_run_id).info.experiment_id
     run = client.create_run(exp_id, run_name=f"promote-{name}", tags={
         PROMOTION_TAG: "true", SOURCE_RUN_TAG: pick.run_id, SWEEP_RUN_TAG: ref.parent_run_id, "method": pick.method,
         "registered_model_name": name})
     run_id = run.info.run_id
     try:
-        with _tracking_uri(ref.tracking_uri):
-            t0 = time.perf_counter()
-            # log_model alone puts its LoggedModel in MLflow's *active* experiment (Default, id 0), not
-            # in its run's: the pt2 program then lands under experiment 0 of a server, or, with SQLite,
-            # in ./mlruns/0 of whatever directory first created the database. Create it in the sweep's
-            # experiment (artifacts beside its runs', on the server or beside the database).
-            logged = client.create_logged_model(exp_id, name="model", source_run_id=run_id)
-            info = mlflow.pytorch.log_model(
-                model.eval(), name="model", run_id=run_id, model_id=logged.model_id,
-                serialization_format="pt2",  # torch.export program; `export_model=True` is its deprecated spelling
-                input_example=example,
-                pip_requirements=pip_requirements(),
-                registered_model_name=name,
-            )
-            seconds = time.perf_counter() - t0
-        log.info("logged and registered the model in %.1fs", seconds)
+        version, model_id, seconds = _register(client, ref.tracking_uri, pick.run_id, run_id, name, model, data)
         client.log_metric(run_id, "reevaluated_test_accuracy", reevaluated)
         client.log_metric(run_id, "recorded_test_accuracy", recorded)
-        version = str(info.registered_model_version)
         tags = {**_metric_tags(pick, reevaluated), "source_run_id": pick.run_id, "sweep_run_id": ref.parent_run_id,
                 "promotion_run_id": run_id, "validation": "passed" if validated else "failed"}
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
+        client.set_tag(pick.run_id, PROMOTED_TO_TAG, f"{name}/{version}")
         if validated:
             client.set_registered_model_alias(name, alias, version)
         client.set_terminated(run_id, status="FINISHED")
@@ -327,7 +351,7 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
 
     result = PromotionResult(name, version, alias, validated, validated, pick.run_id, run_id, ref.parent_run_id,
                              pick.method, pick.accuracy, recorded, reevaluated, pick.macs, pick.params,
-                             f"models:/{name}/{version}", info.model_id, seconds, pick.latency_ratio)
+                             f"models:/{name}/{version}", model_id, seconds, pick.latency_ratio, ref.label)
     if not validated:
         raise PromotionError(
             f"promote: validation failed for {name} version {version}: re-evaluated test accuracy {reevaluated:.4f} "
@@ -346,7 +370,8 @@ def format_result(r: PromotionResult) -> str:
             f"{f', latency_ratio {r.latency_ratio:.3f}' if math.isfinite(r.latency_ratio) else ''}\n"
             f"  accuracy (val) {r.accuracy:.4f}, test accuracy recorded {r.test_accuracy:.4f}, "
             f"re-evaluated {r.reevaluated_test_accuracy:.4f}\n"
-            f"  source run {r.source_run_id} (sweep run {r.sweep_run_id}), promotion run {r.promotion_run_id}\n"
+            f"  from sweep {r.sweep or '?'} (sweep run {r.sweep_run_id}): trial run {r.source_run_id} "
+            f"(the version's source run), promotion run {r.promotion_run_id}\n"
             f"  load it: mlflow.pytorch.load_model(\"models:/{r.name}@{r.alias}\")\n")
 
 
@@ -355,7 +380,8 @@ def _cmd_promote(args, out: TextIO | None = None) -> int:
     try:
         result = promote(args.experiment, args.name, max_macs=args.max_macs, min_accuracy=args.min_accuracy,
                          alias=args.alias, tracking_uri=args.tracking_uri, tolerance=args.tolerance,
-                         max_latency_ratio=args.max_latency_ratio, allow_running=args.allow_running)
+                         max_latency_ratio=args.max_latency_ratio, latest=args.latest,
+                         allow_running=args.allow_running)
     except PromotionError as exc:
         print(f"prunetune: error: {exc}", file=sys.stderr)
         return VALIDATION_FAILED_EXIT
@@ -379,6 +405,8 @@ def add_promote_command(subparsers) -> argparse.ArgumentParser:
                              "model's (latency_ratio, as the trial measured it on its device)")
     budget.add_argument("--min-accuracy", type=float, default=None, metavar="A",
                         help="the cheapest front model (in the sweep's searched cost) with validation accuracy >= A")
+    p.add_argument("--latest", action="store_true",
+                   help="an experiment name means its latest sweep only (default: the best over all its sweeps)")
     p.add_argument("--alias", default="champion", help="alias to move to the new version (default: champion)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
                    help=f"MLflow tracking URI for an experiment name (default: {DEFAULT_TRACKING_URI})")

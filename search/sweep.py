@@ -200,7 +200,8 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
     try:
         settings = settings_from_config(cfg)
         base_metrics = _base_model(cfg, settings, client, parent)
-        tuner = _tuner(cfg, settings, exp_dir, parent, restore, warm)
+        data = load_data(settings)
+        tuner = _tuner(cfg, settings, exp_dir, parent, restore, _input_example(data), warm)
         with interrupts.tune_running(), tune_environment(cfg.checkpoint_period_s, tune_verbosity()):
             tuner.fit()
         if interrupts.signum is not None:  # Tune stopped on the signal and saved its state
@@ -208,7 +209,7 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
         children = child_runs(client, parent)
         failed = sum(1 for r in children if r.info.status == "FAILED")
         stopped = sum(1 for r in children if "prunetune.stopped_at_rung" in r.data.tags)
-        dense = profile(build_model(settings), tuple(load_data(settings).input_shape))
+        dense = profile(build_model(settings), tuple(data.input_shape))
         summary = _record_front(client, parent, exp_dir, {"dense_macs": dense.macs, "dense_params": dense.params},
                                 cfg.objectives, cfg.constraints)
         client.set_terminated(parent, status="FINISHED")
@@ -250,7 +251,9 @@ def _base_model(cfg: SweepConfig, settings, client, parent: str) -> dict[str, An
     return base_metrics
 
 
-def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool, warm: list = ()):
+def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool, example=None, warm: list = ()):
+    """``example``: the input example of every trial's MLflow model (see ``MLflowTrialLogger``);
+    ``warm``: earlier sweeps' finished trials for the new study (``search.warm_start``)."""
     from ray import tune
 
     from trainables.tune_trainable import trial_fn
@@ -292,8 +295,16 @@ def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool,
             name=os.path.basename(tune_path), storage_path=os.path.dirname(tune_path), **tune_storage,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[MLflowTrialLogger(cfg.tracking_uri, parent), *callbacks], verbose=tune_verbosity()),
+            callbacks=[MLflowTrialLogger(cfg.tracking_uri, parent, example), *callbacks], verbose=tune_verbosity()),
     )
+
+
+def _input_example(data, n: int = 4):
+    """A few test images (numpy, batch > 1 so an exported program keeps a dynamic batch): the input
+    example of every trial's MLflow model."""
+    import torch
+
+    return torch.stack([data.test[i][0] for i in range(min(n, len(data.test)))]).numpy()
 
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:

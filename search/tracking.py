@@ -2,7 +2,10 @@
 
 ``MLflowTrialLogger`` is a Ray Tune callback: per-epoch metrics land in the trial's child run as
 they arrive (step = epoch), and at the end the child gets the final metrics, the pruned model's
-weights + spec as artifacts, and status FINISHED or FAILED (with the reason as a tag). A child is
+weights + spec as artifacts, the same model as an MLflow pt2 model (a LoggedModel carrying the trial's
+metrics, so it can be registered from the UI; when the logger has an input example), and status
+FINISHED or FAILED (with the reason as a tag). Children are named ``<method>-<trial id>`` and tagged
+``method`` and ``sweep`` (the parent run's name), so the runs table reads without a column picker. A child is
 found again by its ``prunetune.trial_id`` tag, so a restarted trial or a resumed sweep keeps one
 run per trial.
 
@@ -39,7 +42,8 @@ __all__ = ["MLflowTrialLogger", "open_parent_run", "child_runs", "open_client", 
 log = logging.getLogger(__name__)
 TRIAL_TAG, PARENT_TAG, SWEEP_TAG = "prunetune.trial_id", "mlflow.parentRunId", "prunetune.sweep"
 LOGGED_METRICS = ("loss", "train_accuracy", "accuracy", "val_loss", "macs", "params", "epoch_seconds",
-                  "test_accuracy", "latency_ms", "dense_latency_ms", "latency_ratio", "dense_macs")
+                  "test_accuracy", "latency_ms", "dense_latency_ms", "latency_ratio", "dense_macs", "macs_reduction",
+                  "removed_nothing")
 #: String results (not metrics in MLflow): logged as tags of the trial's child run.
 LOGGED_TAGS = ("stage", "latency_model", "latency_device")
 
@@ -100,9 +104,13 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list:
 
 
 class MLflowTrialLogger(Callback):
-    def __init__(self, tracking_uri: str, parent_run_id: str):
+    """``example``: a small input batch (numpy) of the sweep's data; with it every finished trial's
+    model is also logged as a pt2 MLflow model (``search.mlflow_model``)."""
+
+    def __init__(self, tracking_uri: str, parent_run_id: str, example=None):
         self.tracking_uri = tracking_uri
         self.parent_run_id = parent_run_id
+        self.example = example
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
         self._done: set[str] = set()
@@ -112,10 +120,10 @@ class MLflowTrialLogger(Callback):
 
     # Tune pickles callbacks into its experiment state; the client is rebuilt on demand.
     def __getstate__(self):
-        return {"tracking_uri": self.tracking_uri, "parent_run_id": self.parent_run_id}
+        return {"tracking_uri": self.tracking_uri, "parent_run_id": self.parent_run_id, "example": self.example}
 
     def __setstate__(self, state):
-        self.__init__(state["tracking_uri"], state["parent_run_id"])
+        self.__init__(state["tracking_uri"], state["parent_run_id"], state.get("example"))
 
     @property
     def client(self) -> MlflowClient:
@@ -168,10 +176,11 @@ class MLflowTrialLogger(Callback):
         client = self.client
         tid = trial.trial_id
         if tid not in self._runs:
-            exp_id = client.get_run(self.parent_run_id).info.experiment_id
+            parent = client.get_run(self.parent_run_id)
             method = trial.config.get("method", "?")
-            run = client.create_run(exp_id, run_name=f"{method}-{tid}", tags={
-                PARENT_TAG: self.parent_run_id, TRIAL_TAG: tid, "method": method})
+            run = client.create_run(parent.info.experiment_id, run_name=f"{method}-{tid}", tags={
+                PARENT_TAG: self.parent_run_id, TRIAL_TAG: tid, "method": method,
+                "sweep": parent.info.run_name or self.parent_run_id})
             prefix = method + "."
             params = [Param("method", method)] + [
                 Param(k[len(prefix):], _param_value(v)) for k, v in sorted(trial.config.items()) if k.startswith(prefix)]
@@ -233,6 +242,19 @@ class MLflowTrialLogger(Callback):
             local = Path(checkpoint.to_directory(os.path.join(tmp, "ckpt")))
             if (local / "model").is_dir():
                 self.client.log_artifacts(run_id, str(local / "model"), "model")
+                if self.example is not None:
+                    self._log_mlflow_model(local / "model", run_id, trial.last_result or {},
+                                           f"{trial.config.get('method', '?')}-{trial.trial_id}")
+
+    def _log_mlflow_model(self, directory: Path, run_id: str, result: dict, name: str) -> None:
+        from trainables.model_io import load_model
+
+        from .mlflow_model import log_pt2_model
+
+        model, _ = load_model(directory)
+        # validate=False: loading the program back to run the example again costs ~2 s a trial
+        info, seconds = log_pt2_model(self.client, run_id, model, self.example, result, validate=False, name=name)
+        log.info("trial run %s: pt2 model %s logged in %.1fs", run_id, info.model_id, seconds)
 
 
 def _error_text(trial) -> str:

@@ -155,8 +155,8 @@ BAD = [
     ({"methods": ["l1_norm", "random", "foo"]}, ["methods[2]: unknown method 'foo'", "valid methods: csgd, ista, l1_norm"]),
     ({"methods": []}, ["methods:", "[]"]),
     ({"methods": ["random", "random"]}, ["methods[1]:", "'random'", "twice"]),
-    ({"space": {"prune_ratio": [0.2, 1.5]}}, ["space.prune_ratio: 1.5 is outside [0.05, 0.95]"]),
-    ({"space": {"prune_ratio": 1.5}}, ["space.prune_ratio: 1.5 is outside [0.05, 0.95]"]),
+    ({"space": {"prune_ratio": [0.2, 1.5]}}, ["space.prune_ratio: 1.5 is outside [0.05, 0.98]"]),
+    ({"space": {"prune_ratio": 1.5}}, ["space.prune_ratio: 1.5 is outside [0.05, 0.98]"]),
     ({"space": {"prune_ratio": [0.6, 0.3]}}, ["space.prune_ratio:", "0.6", "0.3"]),
     ({"space": {"prune_ratio": [0.1, 0.2, 0.3]}}, ["space.prune_ratio: expected [low, high]", "[0.1, 0.2, 0.3]"]),
     ({"space": {"prune_ratio": "abc"}}, ["space.prune_ratio:", "'abc'"]),
@@ -347,7 +347,7 @@ def test_entries_for_unselected_methods_are_ignored_so_methods_can_be_overridden
     cfg = load_config("configs/quickstart.yaml", ["methods=[l1_norm, random]"])
     space = cfg.search_space()
     assert sorted(space) == ["l1_norm", "random"]
-    assert (space["l1_norm"]["prune_ratio"].low, space["l1_norm"]["prune_ratio"].high) == (0.3, 0.95)
+    assert (space["l1_norm"]["prune_ratio"].low, space["l1_norm"]["prune_ratio"].high) == (0.5, 0.98)
     assert space["l1_norm"]["scope"].choices == ("all",) and space["random"]["allocation"].choices == ("uniform", "global")
 
 

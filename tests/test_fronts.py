@@ -1,7 +1,10 @@
 """`prunetune fronts` and search.compare on the real tiny sweep (MLflow on SQLite, Ray, torch)."""
 from __future__ import annotations
 
+import csv
+import itertools
 import math
+import re
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -10,7 +13,7 @@ from methods.errors import ConfigError
 from search.cli import main
 from search.compare import compare_fronts, resolve_sweep
 from search.pareto import front, hypervolume
-from search.tracking import PARENT_TAG
+from search.tracking import PARENT_TAG, SWEEP_TAG
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -77,10 +80,27 @@ def test_cli_writes_png_and_table_equal_to_recorded_front(tiny_sweep, tmp_path, 
     hv = hypervolume([v[1:3] for v in recorded.values()], (0.0, dense), ("max", "min"))
     assert hv == pytest.approx(result.hypervolume, rel=1e-9)
     hv_part = text.split("hypervolume", 1)[1].splitlines()[1:]
-    hv_lines = [ln for ln in hv_part if ln.strip() and not ln.startswith("plot:")]
+    hv_lines = list(itertools.takewhile(str.strip, hv_part))  # up to the blank line before "plot:"
     assert len(hv_lines) == 2
     for ln in hv_lines:
         assert float(ln.split()[1]) == pytest.approx(hv, rel=1e-5)
+
+    # The overlay is recorded as an MLflow run in the sweep's experiment, and its URL printed.
+    run_id = re.search(r"^MLflow run: ([0-9a-f]{32})", text, re.M).group(1)
+    client = MlflowClient(cfg.tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("fronts-")
+    assert run.info.experiment_id == client.get_experiment_by_name(cfg.name).experiment_id
+    assert run.data.tags["prunetune.fronts"] == "true" and PARENT_TAG not in run.data.tags
+    assert {a.path for a in client.list_artifacts(run_id)} == {"cmp.html", "cmp.png", "cmp.csv"}
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run_id}/artifacts/cmp.html" in text
+    assert sorted(run.data.metrics) == sorted(f"hypervolume/{lab}" for lab in labels)
+    assert all(v == pytest.approx(hv, rel=1e-9) for v in run.data.metrics.values())
+    with open(client.download_artifacts(run_id, "cmp.csv", str(tmp_path)), newline="") as f:
+        table = list(csv.DictReader(f))
+    assert {(r["series"], r["run_id"]) for r in table} == {(lab, rid) for lab in labels for rid in expected}
+    assert all(float(r["hypervolume"]) == pytest.approx(hv, rel=1e-9) for r in table)
+    assert {float(r["reference_cost"]) for r in table} == {dense}
 
 
 def test_by_method_splits_series_by_method(tiny_sweep, tmp_path):
@@ -131,3 +151,45 @@ def test_unknown_experiment_errors(tiny_sweep, tmp_path, capsys, monkeypatch):
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("prunetune: error:") and "no-such-sweep" in err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def _copy_sweep(client, parent_run_id, experiment, run_ids, name):
+    """The records (no artifacts) of some trials as one more sweep of ``experiment``."""
+    from mlflow.entities import Metric, Param
+
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    parent = client.create_run(exp_id, run_name=name, tags={SWEEP_TAG: "true"}).info.run_id
+    client.log_batch(parent, params=[Param(k, v) for k, v in client.get_run(parent_run_id).data.params.items()])
+    for rid in run_ids:
+        src = client.get_run(rid)
+        child = client.create_run(exp_id, run_name=src.info.run_name, tags={PARENT_TAG: parent,
+                                                                             "method": src.data.tags["method"]})
+        client.log_batch(child.info.run_id, metrics=[Metric(k, v, 0, 1) for k, v in src.data.metrics.items()])
+        client.set_terminated(child.info.run_id, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    return parent
+
+
+def test_experiment_name_means_all_its_sweeps(tiny_sweep, tmp_path, capsys):
+    cfg, result = tiny_sweep
+    client = MlflowClient(cfg.tracking_uri)
+    recorded = _recorded(cfg, result.parent_run_id)
+    ids = sorted(recorded)
+    first = _copy_sweep(client, result.parent_run_id, "tiny-fronts-two", ids[:2], "sweep-a")
+    second = _copy_sweep(client, result.parent_run_id, "tiny-fronts-two", ids[2:], "sweep-b")
+
+    rc = main(["fronts", "tiny-fronts-two", "--tracking-uri", cfg.tracking_uri, "--out", str(tmp_path / "all.png")])
+    assert rc == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert {r[0] for r in rows} == {"tiny-fronts-two@sweep-a", "tiny-fronts-two@sweep-b"}  # one series per sweep
+    for label, ids_of in (("tiny-fronts-two@sweep-a", ids[:2]), ("tiny-fronts-two@sweep-b", ids[2:])):
+        names = {client.get_run(i).info.run_name for i in ids_of}
+        assert {client.get_run(r[4]).info.run_name for r in rows if r[0] == label} <= names
+
+    rc = main(["fronts", "tiny-fronts-two", "--latest", "--tracking-uri", cfg.tracking_uri,
+               "--out", str(tmp_path / "latest.png")])
+    assert rc == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert {client.get_run(r[4]).data.tags[PARENT_TAG] for r in rows} == {second}  # the latest sweep only
+    assert first != second

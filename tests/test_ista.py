@@ -175,10 +175,17 @@ def _spatial(model, input_shape):
     return sizes
 
 
+def _zeros_only(method):
+    """The same method with a target its zero gammas already meet: the cut removes exactly them."""
+    zeros_only = copy.deepcopy(method)
+    zeros_only.hparams["prune_ratio"] = 0.05
+    return zeros_only
+
+
 def test_short_phase_zeroes_gammas_and_macs_drop_by_the_zero_counts(ista_resnet20):
     dense, method, model = ista_resnet20
     assert method.zero_fraction(model) > 0.05
-    pruned = method.prune(model, PruneContext(DIGITS))
+    pruned = _zeros_only(method).prune(model, PruneContext(DIGITS))
     # MACs expected from the zero counts alone: each removed channel of block conv1 saves its own
     # filter (out_hw * 9 * c_in) and its input slice of conv2 (out_hw * 9 * c_out).
     hw = _spatial(dense, DIGITS)
@@ -210,7 +217,7 @@ def test_resnet20_surgery_is_exact_where_no_padded_tap_sees_a_constant(ista_resn
             dead = bn.weight == 0
             bn.bias[dead] = -bn.bias[dead].abs()
     masked = method.unscaled_copy(model).eval()
-    pruned = method.prune(model, PruneContext(DIGITS)).eval()
+    pruned = _zeros_only(method).prune(model, PruneContext(DIGITS)).eval()
     x = torch.cat([x for x, _ in _test_loader(digits)])
     with torch.no_grad():
         assert (pruned(x) - masked(x)).abs().max() <= 1e-4
@@ -228,7 +235,7 @@ def test_accuracy_after_surgery_equals_the_masked_accuracy_with_1x1_consumers(di
     model = _ista_phase(copy.deepcopy(dense), method, train, 2)
     assert method.zero_fraction(model) > 0.1
     masked = method.unscaled_copy(model).eval()
-    pruned = method.prune(model, PruneContext(DIGITS)).eval()
+    pruned = _zeros_only(method).prune(model, PruneContext(DIGITS)).eval()
     assert profile(pruned, DIGITS).macs < profile(dense, DIGITS).macs
     x = torch.cat([x for x, _ in test])
     with torch.no_grad():
@@ -236,6 +243,23 @@ def test_accuracy_after_surgery_equals_the_masked_accuracy_with_1x1_consumers(di
     accuracy, _ = evaluate(masked, test, device=CPU)
     assert accuracy > 0.5
     assert evaluate(pruned, test, device=CPU)[0] == accuracy
+
+
+def test_a_phase_short_of_the_target_is_completed_by_the_cut(ista_resnet20):
+    """prune_ratio 0.6 is more than one short phase zeroes: every zero-gamma channel goes, then the
+    smallest |gamma| ones, until 60% of the dense MACs are gone."""
+    dense, method, model = ista_resnet20
+    short = copy.deepcopy(method)
+    short.hparams["prune_ratio"] = 0.6
+    zeros_only = _zeros_only(method).prune(model, PruneContext(DIGITS))
+    assert 1 - profile(zeros_only, DIGITS).macs / profile(dense, DIGITS).macs < 0.6
+    pruned = short.prune(model, PruneContext(DIGITS))
+    assert 1 - profile(pruned, DIGITS).macs / profile(dense, DIGITS).macs == pytest.approx(0.6, abs=0.02)
+    for stage in (1, 2, 3):
+        for b in range(3):
+            conv1 = f"layer{stage}.{b}.conv1"
+            dead = int((model.get_submodule(f"layer{stage}.{b}.bn1").weight == 0).sum())
+            assert pruned.get_submodule(conv1).out_channels <= max(1, model.get_submodule(conv1).out_channels - dead)
 
 
 def test_state_dict_resumes_a_phase(ista_resnet20, digits, tmp_path):

@@ -70,7 +70,10 @@ def test_promotion_registers_version_moves_alias_and_tags_it(tiny_sweep, promote
     assert run.data.tags["prunetune.source_run_id"] == best.info.run_id
     assert run.info.experiment_id == best.info.experiment_id
     assert promoted.promotion_run_id not in {r.info.run_id for r in child_runs(client, result.parent_run_id)}
-    assert mv.run_id == promoted.promotion_run_id
+    # The registered version is the trial's own pt2 model: its source run is the trial, tagged with it.
+    assert mv.run_id == best.info.run_id
+    assert client.get_run(best.info.run_id).data.tags["promoted_to"] == f"{NAME}/{promoted.version}"
+    assert client.get_logged_model(promoted.logged_model_id).source_run_id == best.info.run_id
     # pt2 (torch.export) format: an exported program, no pickled module.
     assert mv.source == f"models:/{promoted.logged_model_id}"
     files = _model_files(client, promoted.logged_model_id)
@@ -184,7 +187,8 @@ def _clone_sweep(client, parent_run_id, source_run_ids, experiment, test_accurac
     """A copy of some trials of the sweep in another experiment, WITHOUT a sweep directory (so promotion
     reads the data config from the parent run's params); optionally with a tampered recorded test
     accuracy, or without the ``pareto`` tags."""
-    exp_id = client.create_experiment(experiment)
+    exp = client.get_experiment_by_name(experiment)  # a second clone into one experiment: a second sweep
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     parent = client.get_run(parent_run_id)
     new_parent = client.create_run(exp_id, run_name="sweep-copy", tags={SWEEP_TAG: "true"}).info.run_id
     client.log_batch(new_parent, params=[Param(k, v) for k, v in parent.data.params.items()])
@@ -203,6 +207,7 @@ def _clone_sweep(client, parent_run_id, source_run_ids, experiment, test_accurac
             client.log_artifacts(child, client.download_artifacts(source_run_id, "model", tmp), "model")
         client.set_terminated(child, "FINISHED")
     client.set_terminated(new_parent, "FINISHED")
+    return new_parent
 
 
 def test_front_is_recomputed_when_pareto_tags_are_missing(tiny_sweep):
@@ -241,3 +246,30 @@ def test_validation_failure_keeps_the_alias_and_tags_the_version(tiny_sweep, pro
         promote("tiny-tampered", NAME, tracking_uri=cfg.tracking_uri)
     assert not exc.value.result.alias_moved and exc.value.result.test_accuracy == wrong
     assert _alias_version(client, NAME) == promoted.version
+
+
+def test_experiment_name_means_the_best_over_all_its_sweeps(tiny_sweep, capsys):
+    """Two sweeps in one experiment: the older holds the most accurate front trial, the latest a
+    cheaper, less accurate one. By name: the best over both, and the output names its sweep;
+    ``--latest``: the latest sweep's (the old behaviour)."""
+    cfg, result = tiny_sweep
+    client = MlflowClient(cfg.tracking_uri)
+    front_runs = sorted(_front_runs(client, result.parent_run_id), key=lambda r: r.data.metrics["accuracy"])
+    if len(front_runs) < 2:
+        pytest.skip("the tiny sweep's front has a single trial")
+    older = _clone_sweep(client, result.parent_run_id, [front_runs[-1].info.run_id], "tiny-two")
+    latest = _clone_sweep(client, result.parent_run_id, [front_runs[0].info.run_id], "tiny-two")
+
+    rc = main(["promote", "tiny-two", "--tracking-uri", cfg.tracking_uri, "--name", "tiny-two-best"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    mv = client.get_model_version_by_alias("tiny-two-best", "champion")
+    assert client.get_run(mv.tags["source_run_id"]).data.tags["copy_of"] == front_runs[-1].info.run_id
+    assert mv.tags["sweep_run_id"] == older and f"(sweep run {older})" in out and "from sweep tiny-two@" in out
+
+    by_latest = promote("tiny-two", "tiny-two-latest", tracking_uri=cfg.tracking_uri, latest=True)
+    assert by_latest.sweep_run_id == latest and by_latest.sweep == "tiny-two"
+    assert client.get_run(by_latest.source_run_id).data.tags["copy_of"] == front_runs[0].info.run_id
+    # A trial recorded without an MLflow model (these copies) gets one logged in the promotion run.
+    assert client.get_model_version("tiny-two-latest", by_latest.version).run_id == by_latest.promotion_run_id
+    assert client.get_run(by_latest.source_run_id).data.tags["promoted_to"] == f"tiny-two-latest/{by_latest.version}"
