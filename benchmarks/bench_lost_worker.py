@@ -42,7 +42,7 @@ print("RESULT " + json.dumps({"exp_dir": str(res.experiment_dir), "finished": re
 
 def overrides(args, name: str, root: Path, address: str | None) -> list[str]:
     out = ["methods=[l1_norm]", "space={prune_ratio: [0.3, 0.6]}", f"num_trials={args.trials}", "sampler=random",
-           "max_concurrent_trials=2", "base.epochs=2", f"finetune.epochs={args.epochs}", "max_failures=2",
+           "max_concurrent_trials=2", "base.epochs=2", f"finetune.epochs={args.epochs}", "early_stopping.type=none", "checkpoint_period_s=0", "max_failures=2",
            f"name={name}", f"tracking_uri=sqlite:///{root}/{name}.db", f"storage_path={root}/ray", "seed=0"]
     return out + ([f"address={address}"] if address else [])
 

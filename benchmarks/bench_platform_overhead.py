@@ -45,7 +45,7 @@ def main():
     root = Path(tempfile.mkdtemp(prefix="prunetune-bench-"))
     cfg = load_config("configs/quickstart.yaml", [
         "methods=[l1_norm]", "space.prune_ratio=0.5", f"num_trials={args.trials}",
-        f"max_concurrent_trials={args.concurrency}", f"finetune.epochs={args.epochs}", "sampler=random",
+        f"max_concurrent_trials={args.concurrency}", f"finetune.epochs={args.epochs}", "early_stopping.type=none", "sampler=random",
         f"tracking_uri=sqlite:///{root}/mlflow.db", f"storage_path={root}/ray_results", "name=overhead"])
     settings = settings_from_config(cfg)
     ensure_base_model(settings)

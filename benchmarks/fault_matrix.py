@@ -61,7 +61,7 @@ def _cli() -> list[str]:
 def _sweep(args, name: str, *extra: str) -> list[str]:
     sets = ["methods=[l1_norm]", "space={prune_ratio: [0.2, 0.8]}", f"num_trials={args.trials}", "sampler=random",
             "max_concurrent_trials=2", "base.epochs=1", f"finetune.epochs={args.epochs}", "seed=0", f"name={name}",
-            *extra]
+            "early_stopping.type=none", "checkpoint_period_s=0", *extra]  # full budgets, per-epoch checkpoints
     return _cli() + ["run", str(QUICKSTART)] + [a for s in sets for a in ("--set", s)]
 
 

@@ -21,6 +21,11 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("matplotlib", "alembic", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:  # search.progress prints one line per trial; the MLflow logger's own is a debug detail
+        logging.getLogger("search.tracking").setLevel(logging.WARNING)
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _cmd_run(args) -> int:
@@ -60,9 +65,12 @@ def _print_result(result, tracking_uri) -> None:
     out = sys.stdout
     out.write(f"\nsweep directory: {result.experiment_dir}\n")
     out.write(f"MLflow parent run: {result.parent_run_id}\n")
-    out.write(f"trials finished: {result.finished}, failed: {result.failed}, hypervolume: {result.hypervolume:.6g}\n")
-    cost = "MACs" if result.objective == "macs" else "latency ratio (pruned / dense latency)"
-    out.write(f"Pareto front (validation accuracy vs {cost}):\n")
+    stopped = getattr(result, "stopped", 0)
+    infeasible = getattr(result, "infeasible", 0)
+    out.write(f"trials finished: {result.finished}, stopped early: {stopped}, failed: {result.failed}"
+              f"{f', outside the constraints: {infeasible}' if infeasible else ''}, "
+              f"hypervolume: {result.hypervolume:.6g}\n")
+    out.write(f"Pareto front ({_front_title(result)}):\n")
     out.write(f"  {'method':<10} {'accuracy':>9} {'test acc':>9} {'MACs':>12} {'params':>10} {'latency ms':>11} "
               f"{'lat ratio':>9}  run\n")
     for p in result.front:
@@ -72,6 +80,16 @@ def _print_result(result, tracking_uri) -> None:
         from .ui_links import look_at_it
 
         out.write("\n" + look_at_it(tracking_uri, result.parent_run_id, result.objective))
+
+
+def _front_title(result) -> str:
+    """``validation accuracy vs MACs`` (or the sweep's other objectives)."""
+    from . import objectives as _obj
+
+    names = tuple(getattr(result, "objectives", None) or _obj.SHORTHANDS[result.objective or "macs"])
+    if names == _obj.SHORTHANDS["latency"]:
+        return "validation accuracy vs latency ratio (pruned / dense latency)"
+    return " vs ".join("validation accuracy" if n == "accuracy" else _obj.get(n).label for n in names)
 
 
 def _cmd_methods(args) -> int:

@@ -4,16 +4,17 @@
 ``STATE_FILE``, which names the parent run and the tracking URI) or an MLflow experiment name (every
 parent run tagged ``prunetune.sweep=true``, one series each, looked up under ``--tracking-uri``;
 ``--latest``: only the latest). The overlay is also recorded as an MLflow run (HTML, PNG and CSV,
-``search.comparison_run``) whose URL is printed.
+``search.comparison_run``) whose URL is printed (two-objective sweeps).
 
 With several experiments each sweep is one series; with ``--by-method`` or a single experiment each
 method of each sweep is one. Every series' front is plotted in one PNG and printed as a table, with
 its hypervolume against ONE reference shared by all series, so the numbers are comparable.
 
-The cost is the sweeps' ``objective`` (from each sweep's saved config, else its parent run's params;
-``macs`` for sweeps older than the field): MACs, reference = zero accuracy and the largest dense-model
-MACs of the sweeps; or ``latency_ratio``, reference = zero accuracy and ratio 1 (the dense model).
-Sweeps that searched different objectives are not compared (one error line).
+The objectives are the sweeps' (``objectives``, or the ``objective`` shorthand, from each sweep's
+saved config, else its parent run's params; ``[accuracy, macs]`` for sweeps older than both); the
+reference follows ``search.objectives``: zero accuracy, the largest dense-model MACs (and params) of
+the sweeps, a latency ratio of 1. Sweeps that searched different objectives are not compared (one
+error line).
 
 ``resolve_sweep`` (shared with ``search.promote``) turns an EXPERIMENT argument into a
 :class:`SweepRef`.
@@ -34,9 +35,9 @@ from mlflow.tracking import MlflowClient
 from methods.errors import ConfigError
 from trainables import storage
 
-from .config import OBJECTIVES
-from .fronts import DIRECTIONS, TrialPoint, cost_label, plot_fronts, reference_point, sweep_points
-from .pareto import front, hypervolume
+from . import objectives as _obj
+from .fronts import TrialPoint, front_of, plot_fronts, reference_point, sweep_points
+from .pareto import hypervolume
 from .sweep import STATE_FILE
 from .store import open_client, sqlite_path
 from .tracking import SWEEP_TAG, child_runs
@@ -59,7 +60,8 @@ class SweepRef:
     experiment_name: str
     experiment_dir: Path | str | None = None  # a URI string for an object-store sweep
     config: dict[str, Any] | None = None  # from STATE_FILE, when the sweep directory is known
-    objective: str = "macs"  # the searched cost: the config's, else the parent run's param; macs for old sweeps
+    objective: str | None = "macs"  # the shorthand of ``objectives`` (None for other lists)
+    objectives: tuple[str, ...] = _obj.DEFAULT  # the config's, else the parent run's params; old sweeps: accuracy, macs
 
     def client(self) -> MlflowClient:
         return open_client(self.tracking_uri, create=False)
@@ -74,7 +76,8 @@ class FrontSeries:
     points: list[TrialPoint] = field(default_factory=list)
     front: list[TrialPoint] = field(default_factory=list)
     hypervolume: float = math.nan
-    objective: str = "macs"
+    objective: str | None = "macs"
+    objectives: tuple[str, ...] = _obj.DEFAULT
     parent_run_id: str = ""         # the sweep's parent run, in ``tracking_uri``
     tracking_uri: str = ""
     method: str | None = None       # the one method of a by-method series
@@ -137,7 +140,7 @@ def resolve_sweep(source: str | Path, tracking_uri: str | None = None) -> SweepR
         config = state.get("config")
         return SweepRef(storage.name(location), state["tracking_uri"], state["parent_run_id"], exp.name,
                         Path(location) if storage.local_path(location) else location, config,
-                        _objective(config, run, text))
+                        *_objectives_of(config, run, text))
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
     db = sqlite_path(uri)
@@ -169,7 +172,7 @@ def _ref_for_run(label: str, uri: str, run, experiment_name: str) -> SweepRef:
         if state.get("parent_run_id") == run.info.run_id:
             config = state.get("config")
     exp_loc = (exp_dir if storage.is_uri(exp_dir) else Path(exp_dir)) if exp_dir else None
-    return SweepRef(text, uri, run.info.run_id, experiment_name, exp_loc, config, _objective(config, run, text))
+    return SweepRef(text, uri, run.info.run_id, experiment_name, exp_loc, config, *_objectives_of(config, run, text))
 
 
 def resolve_sweeps(source: str | Path, tracking_uri: str | None = None, latest: bool = False) -> list[SweepRef]:
@@ -189,66 +192,90 @@ def resolve_sweeps(source: str | Path, tracking_uri: str | None = None, latest: 
             for r in runs]
 
 
-def _objective(config: dict[str, Any] | None, parent_run, source: str) -> str:
-    """The sweep's searched cost: its saved config's ``objective``, else the parent run's param of
-    that name (every config field is one), else ``macs`` (sweeps from before the field)."""
-    value = (config or {}).get("objective") or parent_run.data.params.get("objective") or "macs"
-    if value not in OBJECTIVES:
-        raise ConfigError(f"sweep {source!r}: unknown objective {value!r} (expected one of {', '.join(OBJECTIVES)})")
-    return value
+def _objectives_of(config: dict[str, Any] | None, parent_run, source: str) -> tuple[str | None, tuple[str, ...]]:
+    """(shorthand or None, objectives) of a sweep: its saved config's ``objectives``, else its
+    ``objective`` shorthand, else the parent run's params of those names (every config field is
+    one), else ``[accuracy, macs]`` (sweeps from before both fields)."""
+    params = parent_run.data.params
+    names = (config or {}).get("objectives") or _obj.parse_names(params.get("objectives"))
+    if not names:
+        value = (config or {}).get("objective") or params.get("objective") or "macs"
+        if value not in _obj.SHORTHANDS:
+            raise ConfigError(f"sweep {source!r}: unknown objective {value!r} "
+                              f"(expected one of {', '.join(_obj.SHORTHANDS)})")
+        names = _obj.SHORTHANDS[value]
+    try:
+        names = _obj.check_names(list(names))
+    except ConfigError as exc:
+        raise ConfigError(f"sweep {source!r}: {exc}") from None
+    return next((k for k, v in _obj.SHORTHANDS.items() if v == names), None), names
 
 
 def dense_macs(client: MlflowClient, parent_run_id: str) -> float:
     """The dense model's MACs as the sweep's trials recorded them (NaN if none did)."""
-    values = [r.data.metrics["dense_macs"] for r in child_runs(client, parent_run_id)
-              if math.isfinite(r.data.metrics.get("dense_macs", math.nan))]
-    return max(values) if values else math.nan
+    return dense_values(client, parent_run_id)["dense_macs"]
+
+
+def dense_values(client: MlflowClient, parent_run_id: str) -> dict[str, float]:
+    """The dense model's values the references use (``dense_macs``, ``dense_params``): as the
+    parent run recorded them with the front, else as the trials did (NaN if none did)."""
+    parent = client.get_run(parent_run_id).data.metrics
+    runs = None
+    out = {}
+    for key in sorted({o.dense_metric for o in _obj.OBJECTIVES.values() if o.dense_metric}):
+        if math.isfinite(parent.get(key, math.nan)):
+            out[key] = parent[key]
+            continue
+        runs = runs if runs is not None else child_runs(client, parent_run_id)
+        values = [r.data.metrics[key] for r in runs if math.isfinite(r.data.metrics.get(key, math.nan))]
+        out[key] = max(values) if values else math.nan
+    return out
 
 
 # ---- collecting and comparing -------------------------------------------------------------------------------
-def _front_of(points: Sequence[TrialPoint]) -> list[TrialPoint]:
-    idx = front([p.objectives for p in points], DIRECTIONS) if points else []
-    return sorted((points[i] for i in idx), key=lambda p: (p.cost, -p.accuracy))
-
-
 def _unique_labels(refs: Sequence[SweepRef]) -> list[str]:
     labels = [r.label for r in refs]
     return [f"{lab}@{r.parent_run_id[:8]}" if labels.count(lab) > 1 else lab for lab, r in zip(labels, refs)]
 
 
 def collect_fronts(sources: Sequence[str | Path], by_method: bool = False, tracking_uri: str | None = None,
-                   latest: bool = False) -> tuple[list[FrontSeries], tuple[float, float]]:
+                   latest: bool = False) -> tuple[list[FrontSeries], tuple[float, ...]]:
     """Series (one per sweep, or per method) and the common hypervolume reference they were scored on.
     An experiment name stands for all its sweeps (``latest``: its latest one only)."""
     if not sources:
         raise ConfigError("fronts: give at least one experiment (a sweep directory or an MLflow experiment name)")
     refs = [ref for s in sources for ref in resolve_sweeps(s, tracking_uri, latest)]
-    objectives = {r.objective for r in refs}
+    objectives = {r.objectives for r in refs}
     if len(objectives) > 1:
-        which = ", ".join(f"{lab}: {r.objective}" for lab, r in zip(_unique_labels(refs), refs))
+        which = ", ".join(f"{lab}: {'/'.join(r.objectives)}" for lab, r in zip(_unique_labels(refs), refs))
         raise ConfigError(f"fronts: the sweeps searched different objectives ({which}); compare sweeps of one objective")
-    objective = objectives.pop()
+    names = objectives.pop()
+    shorthand = refs[0].objective
     split = by_method or len(refs) == 1
     raw: list[tuple[str, str, list[TrialPoint], SweepRef, str | None]] = []
-    dense: list[float] = []
+    dense: list[dict[str, float]] = []
     for ref, label in zip(refs, _unique_labels(refs)):
         client = ref.client()
-        points = sweep_points(client, ref.parent_run_id, objective)
+        points = sweep_points(client, ref.parent_run_id, names, feasible_only=True)
         if not points:
-            log.warning("sweep %s (run %s) has no finished trial with accuracy and %s", label, ref.parent_run_id,
-                        cost_label(objective))
-        dense.append(dense_macs(client, ref.parent_run_id))
+            log.warning("sweep %s (run %s) has no finished trial with %s", label, ref.parent_run_id,
+                        " and ".join(_obj.get(n).label for n in names))
+        dense.append(dense_values(client, ref.parent_run_id))
         if split:
             for method in sorted({p.method for p in points}):
                 name = method if len(refs) == 1 else f"{label}/{method}"
                 raw.append((name, label, [p for p in points if p.method == method], ref, method))
         else:
             raw.append((label, label, points, ref, None))
-    finite = [d for d in dense if math.isfinite(d)]
-    reference = reference_point(objective, max(finite) if finite else None, [p for _, _, pts, *_ in raw for p in pts])
-    series = [FrontSeries(name, sweep, pts, _front_of(pts),
-                          hypervolume([p.objectives for p in pts], reference, DIRECTIONS) if pts else 0.0, objective,
-                          ref.parent_run_id, ref.tracking_uri, method)
+    largest = {}
+    for key in {k for d in dense for k in d}:
+        finite = [d[key] for d in dense if math.isfinite(d.get(key, math.nan))]
+        if finite:
+            largest[key] = max(finite)
+    reference = reference_point(names, largest, [p for _, _, pts, *_ in raw for p in pts])
+    series = [FrontSeries(name, sweep, pts, front_of(pts, names),
+                          hypervolume([p.objectives for p in pts], reference, _obj.directions(names)) if pts else 0.0,
+                          shorthand, names, ref.parent_run_id, ref.tracking_uri, method)
               for name, sweep, pts, ref, method in raw]
     return series, reference
 
@@ -259,14 +286,16 @@ def compare_fronts(sources: Sequence[str | Path], out: str | Path = "fronts.png"
     series, reference = collect_fronts(sources, by_method, tracking_uri)
     _plot(series, Path(out))
     for s in series:
-        log.info("%s: %d trials, front of %d, hypervolume %.6g (reference accuracy %g, %s %.6g)",
-                 s.label, len(s.points), len(s.front), s.hypervolume, reference[0], cost_label(s.objective), reference[1])
+        log.info("%s: %d trials, front of %d, hypervolume %.6g (reference %s)", s.label, len(s.points),
+                 len(s.front), s.hypervolume, _describe_reference(s.objectives, reference))
     return {s.label: s.front for s in series}
 
 
 def _plot(series: Sequence[FrontSeries], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    return plot_fronts({s.label: s.points for s in series}, out, highlight={s.label: s.front for s in series})
+    names = series[0].objectives if series else None
+    return plot_fronts({s.label: s.points for s in series}, out, highlight={s.label: s.front for s in series},
+                       objective=names)
 
 
 # ---- output ------------------------------------------------------------------------------------------------------
@@ -274,29 +303,41 @@ def _num(value: float, fmt: str) -> str:
     return format(value, fmt) if math.isfinite(value) else "nan"
 
 
-def format_table(series: Sequence[FrontSeries], reference: tuple[float, float]) -> str:
+def _describe_reference(names: Sequence[str], reference: Sequence[float]) -> str:
+    """``accuracy 0, MACs 40,960``: each objective's label and reference coordinate."""
+    return ", ".join(f"{_obj.get(n).label} {reference[i]:,.0f}" if n in ("macs", "params") else
+                     f"{_obj.get(n).label} {reference[i]:g}" for i, n in enumerate(names))
+
+
+def _columns(names: Sequence[str]) -> list[tuple[str, str, int, str]]:
+    """(header, TrialPoint attribute, width, format) of the table: the objectives in order, then
+    the pruned and dense latencies when the latency ratio is searched, then MACs, params and the
+    test accuracy where not already shown."""
+    cols = [(_obj.get(n).label, _obj.get(n).metric, 9 if n == "accuracy" else 13, _obj.get(n).fmt) for n in names]
+    if "latency_ratio" in names:
+        cols += [("latency ms", "latency_ms", 11, ".3f"), ("dense ms", "dense_latency_ms", 11, ".3f")]
+    if "macs" not in names:
+        cols.append(("MACs", "macs", 13, ",.0f"))
+    if "params" not in names:
+        cols.append(("params", "params", 11, ",.0f"))
+    return cols + [("test acc", "test_accuracy", 9, ".4f")]
+
+
+def format_table(series: Sequence[FrontSeries], reference: Sequence[float]) -> str:
     """The fronts as a fixed-width table (one row per front point, cheapest first; the run id is the
-    last column), then each series' hypervolume. The fourth column is the searched cost: ``MACs``,
-    or ``latency_ratio`` (then followed by the pruned and dense latencies in ms and the MACs)."""
-    objective = series[0].objective if series else "macs"
+    last column), then each series' hypervolume. After label and method come the searched
+    objectives in the sweep's order (``accuracy`` then ``MACs``, or ``latency_ratio`` followed by the
+    pruned and dense latencies in ms), then MACs, params and the test accuracy where not shown yet."""
+    names = series[0].objectives if series else _obj.DEFAULT
+    cols = _columns(names)
     width = max([len("label")] + [len(s.label) for s in series])
-    if objective == "macs":
-        lines = [f"{'label':<{width}}  {'method':<10} {'accuracy':>9} {'MACs':>13} {'params':>11} {'test acc':>9}  run id"]
-    else:
-        lines = [f"{'label':<{width}}  {'method':<10} {'accuracy':>9} {'latency_ratio':>13} {'latency ms':>11} "
-                 f"{'dense ms':>11} {'MACs':>13} {'params':>11} {'test acc':>9}  run id"]
+    lines = [f"{'label':<{width}}  {'method':<10} " + " ".join(f"{h:>{w}}" for h, _, w, _ in cols) + "  run id"]
     for s in series:
         for p in s.front:
-            if objective == "macs":
-                cells = f"{_num(p.macs, ',.0f'):>13}"
-            else:
-                cells = (f"{_num(p.latency_ratio, '.4f'):>13} {_num(p.latency_ms, '.3f'):>11} "
-                         f"{_num(p.dense_latency_ms, '.3f'):>11} {_num(p.macs, ',.0f'):>13}")
-            lines.append(f"{s.label:<{width}}  {p.method:<10} {_num(p.accuracy, '.4f'):>9} {cells} "
-                         f"{_num(p.params, ',.0f'):>11} {_num(p.test_accuracy, '.4f'):>9}  {p.run_id}")
+            cells = " ".join(f"{_num(getattr(p, attr), fmt):>{w}}" for _, attr, w, fmt in cols)
+            lines.append(f"{s.label:<{width}}  {p.method:<10} {cells}  {p.run_id}")
     lines.append("")
-    ref_cost = f"{reference[1]:,.0f}" if objective == "macs" else f"{reference[1]:g}"
-    lines.append(f"hypervolume (reference: accuracy {reference[0]:g}, {cost_label(objective)} {ref_cost}):")
+    lines.append(f"hypervolume (reference: {_describe_reference(names, reference)}):")
     for s in series:
         lines.append(f"{s.label:<{width}}  {s.hypervolume:.6g}  "
                      f"({len(s.front)} on the front of {len(s.points)} trials)")
@@ -312,6 +353,8 @@ def _cmd_fronts(args, out: TextIO | None = None) -> int:
     png = _plot(series, Path(args.out))
     out.write(format_table(series, reference))
     out.write(f"\nplot: {png}\n")
+    if series and series[0].objective is None:  # the recorded overlay draws accuracy against one cost
+        return 0
     recorded = log_comparison(series, reference, png)
     if recorded:
         command = ui_command(recorded.tracking_uri)

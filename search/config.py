@@ -36,17 +36,21 @@ from methods.errors import ConfigError
 from methods.hyperparameters import Hyperparameter
 from methods.registry import get_method_class, list_methods
 
-__all__ = ["SweepConfig", "TrainConfig", "ResourcesConfig", "load_config", "config_from_dict", "SAMPLERS",
+from . import objectives as _objectives
+from .constraints import ConstraintsConfig, narrow_space
+
+__all__ = ["SweepConfig", "TrainConfig", "ResourcesConfig", "EarlyStoppingConfig", "load_config", "config_from_dict", "SAMPLERS",
            "OBJECTIVES", "COST_METRICS", "check_objective"]
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "nsga2", "random")
-#: The searched cost (second objective, minimised; accuracy is the first, maximised) and the trial
-#: metric each one names: ``macs`` (batch 1, counted) or ``latency`` (pruned / dense latency, measured
-#: interleaved on the trial's device at the end of the trial).
-OBJECTIVES = ("macs", "latency")
-COST_METRICS = {"macs": "macs", "latency": "latency_ratio"}
+#: The ``objective`` shorthand (``search.objectives.SHORTHANDS``): ``macs`` (batch 1, counted) is
+#: ``objectives: [accuracy, macs]``; ``latency`` (pruned / dense latency, measured interleaved on the
+#: trial's device at the end of the trial) is ``objectives: [accuracy, latency_ratio]``.
+OBJECTIVES = tuple(_objectives.SHORTHANDS)
+#: The trial metric of each shorthand's cost.
+COST_METRICS = {k: v[1] for k, v in _objectives.SHORTHANDS.items()}
 
 
 def check_objective(objective: str) -> str:
@@ -54,6 +58,19 @@ def check_objective(objective: str) -> str:
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
     return objective
+
+
+def _checked_objectives(objective: Any, objectives: Any) -> tuple[str | None, tuple[str, ...]]:
+    """(shorthand or None, the objectives list). ``objectives``, when given, wins over ``objective``."""
+    if objectives is None:
+        check_objective(objective)
+        return objective, _objectives.SHORTHANDS[objective]
+    names = _objectives.check_names(objectives)
+    shorthand = next((k for k, v in _objectives.SHORTHANDS.items() if v == names), None)
+    if objective is not None and objective != shorthand:
+        log.info("objectives %s given: it replaces objective: %s", list(names), objective)
+    return shorthand, names
+
 
 #: Upper bounds that catch a typo (``num_trials: 1000000000000``) before any work; generous for real use.
 MAX_TRIALS, MAX_CONCURRENT, MAX_EPOCHS, MAX_BATCH = 100_000, 10_000, 100_000, 1 << 16
@@ -224,6 +241,29 @@ class ResourcesConfig:
         return ResourcesConfig(cpu=int(cpu) if cpu.is_integer() else cpu, gpu=int(gpu) if gpu.is_integer() else gpu)
 
 
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """``successive_halving``: multi-objective successive halving (``search.early_stopping``) with
+    rungs at ``grace_epochs``, ``grace_epochs * reduction_factor``, ... fine-tune epochs; ``none``:
+    every trial runs its whole budget."""
+
+    type: str = "none"
+    grace_epochs: int = 1
+    reduction_factor: float = 2
+
+    def validated(self, where: str) -> "EarlyStoppingConfig":
+        if self.type not in EARLY_STOPPING:
+            raise ConfigError(f"{where}.type: expected one of {', '.join(EARLY_STOPPING)}, got {self.type!r}")
+        rf = _float(self.reduction_factor, f"{where}.reduction_factor", gt=1)
+        return EarlyStoppingConfig(type=self.type, grace_epochs=_int(self.grace_epochs, f"{where}.grace_epochs", 1),
+                                   reduction_factor=int(rf) if rf.is_integer() else rf)
+
+    @property
+    def enabled(self) -> bool:
+        return self.type != "none"
+
+
+EARLY_STOPPING = ("none", "successive_halving")
 _BASE_DEFAULT = TrainConfig(epochs=15, lr=0.1)
 _FINETUNE_DEFAULT = TrainConfig(epochs=5, lr=0.01)
 
@@ -256,12 +296,17 @@ class SweepConfig:
     image_size: int | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     max_failures: int = 1
+    checkpoint_period_s: float = 10
     latency_batch_size: int = 1
     download: bool = False
     calibration_batches: int = 4
     #: torch.compile each pruned model for its fine-tune (pays on GPUs; slow to compile on CPUs).
     compile: bool = False
-    objective: str = "macs"
+    objective: str | None = "macs"
+    objectives: tuple[str, ...] | None = None
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    warm_start: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -283,6 +328,7 @@ class SweepConfig:
         set_("data_dir", self._checked_data_dir())
 
         set_("methods", self._checked_methods())
+        set_("constraints", _section(ConstraintsConfig, self.constraints, "constraints", ConstraintsConfig()))
         if self.space is None:  # `space:` with every entry commented out
             set_("space", {})
         if not isinstance(self.space, Mapping):
@@ -296,7 +342,12 @@ class SweepConfig:
                                              ResourcesConfig()))
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler: unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
-        check_objective(self.objective)
+        shorthand, names = _checked_objectives(self.objective, self.objectives)
+        set_("objective", shorthand)
+        set_("objectives", names)
+        set_("warm_start", _checked_warm_start(self.warm_start))
+        set_("early_stopping", _section(EarlyStoppingConfig, self.early_stopping, "early_stopping",
+                                        EarlyStoppingConfig()))
         set_("seed", _int(self.seed, "seed", 0, 2**32 - 1))
         set_("base", _section(TrainConfig, self.base, "base", _BASE_DEFAULT))
         set_("finetune", _section(TrainConfig, self.finetune, "finetune", _FINETUNE_DEFAULT))
@@ -307,6 +358,8 @@ class SweepConfig:
         if self.image_size is not None:
             set_("image_size", _int(self.image_size, "image_size", 1, MAX_IMAGE_SIZE))
         set_("model_kwargs", self._checked_model_kwargs())
+        period = _float(self.checkpoint_period_s, "checkpoint_period_s", ge=0)
+        set_("checkpoint_period_s", int(period) if period.is_integer() else period)
         set_("max_failures", _int(self.max_failures, "max_failures", -1, MAX_FAILURES))  # -1: retry forever (Ray)
         set_("latency_batch_size", _int(self.latency_batch_size, "latency_batch_size", 1, MAX_BATCH))
         set_("calibration_batches", _int(self.calibration_batches, "calibration_batches", 1, MAX_CALIBRATION_BATCHES))
@@ -414,7 +467,7 @@ class SweepConfig:
             for name, spec in scoped.get(m, {}).items():
                 hps[name] = _narrow(hps[name], spec, f"space.{m}.{name}", m, False)
             out[m] = hps
-        return out
+        return narrow_space(out, self.constraints)  # prune_ratio >= 1 - constraints.max_macs_fraction
 
     # ---- serialisation ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -453,6 +506,19 @@ def _section(cls: type, value: Any, where: str, default: Any) -> Any:
         raise ConfigError(f"{where}: must be a mapping, got {value!r}")
     _check_keys(value, [f.name for f in dataclasses.fields(cls)], where)
     return dataclasses.replace(default, **value).validated(where)
+
+
+def _checked_warm_start(value: Any) -> tuple[str, ...]:
+    """Sweep directories (made absolute) or MLflow experiment names, checked when the sweep starts."""
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"warm_start: must be a list of sweep directories or experiment names, got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        item = _str(item, f"warm_start[{i}]")
+        out.append(_abspath(item) if not _is_uri(item) and Path(_abspath(item)).is_dir() else item)
+    return tuple(out)
 
 
 def _checked_tracking_uri(uri: Any) -> str:

@@ -1,14 +1,18 @@
-"""Two-objective Pareto fronts and their exact hypervolume.
+"""Pareto fronts, non-dominated ranks and exact hypervolumes for two or three objectives.
 
 Each objective has a direction, ``"max"`` or ``"min"`` (the sweep uses ``("max", "min")`` for
-accuracy and MACs). Internally every objective is turned into one to minimise by flipping the sign
-of the ``"max"`` ones; then
+accuracy and MACs; see ``search.objectives``). Internally every objective is turned into one to
+minimise by flipping the sign of the ``"max"`` ones; then
 
-* ``p`` dominates ``q`` when ``p`` is no worse than ``q`` on both objectives and strictly better on
+* ``p`` dominates ``q`` when ``p`` is no worse than ``q`` on every objective and strictly better on
   at least one. Identical points do not dominate each other, so duplicates of a front point are all
   on the front.
-* Points with a NaN or an infinite coordinate (a failed trial) are never on the front and add
-  nothing to the hypervolume.
+* Points with a NaN or an infinite coordinate (a failed trial) are never on the front, get no rank
+  and add nothing to the hypervolume.
+
+Every function takes 2 or 3 objectives; ``hypervolume`` is exact for 2
+(a sweep over the sorted staircase) and 3 (slices along the third objective, each a 2-D
+hypervolume), ``contributions`` is each point's exclusive share of it.
 """
 from __future__ import annotations
 
@@ -17,106 +21,159 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["front", "hypervolume", "default_reference"]
+__all__ = ["front", "ranks", "hypervolume", "contributions", "default_reference"]
 
 _VALID_DIRECTIONS = ("max", "min")
 
 
-def _signs(directions: Sequence[str]) -> np.ndarray:
-    """+1 for a "min" objective, -1 for a "max" one (multiply to get a minimisation problem)."""
+def _signs(directions: Sequence[str], any_number: bool = False) -> np.ndarray:
+    """+1 for a "min" objective, -1 for a "max" one (multiply to get a minimisation problem).
+    2 or 3 objectives, or (``any_number``) at least 2."""
     if isinstance(directions, str) or not isinstance(directions, Sequence):
-        raise ValueError(f"directions must be a pair like ('max', 'min'), got {directions!r}")
-    if len(directions) != 2:
-        raise ValueError(f"directions must name 2 objectives, got {len(directions)}: {list(directions)!r}")
+        raise ValueError(f"directions must be a pair or triple like ('max', 'min'), got {directions!r}")
+    if len(directions) < 2 or (len(directions) > 3 and not any_number):
+        want = "at least 2" if any_number else "2 or 3"
+        raise ValueError(f"directions must name {want} objectives, got {len(directions)}: {list(directions)!r}")
     for i, d in enumerate(directions):
         if d not in _VALID_DIRECTIONS:
             raise ValueError(f"directions[{i}] must be 'max' or 'min', got {d!r}")
     return np.array([-1.0 if d == "max" else 1.0 for d in directions])
 
 
-def _as_points(points) -> np.ndarray:
-    """An (N, 2) float array; an empty input gives shape (0, 2)."""
+def _as_points(points, m: int) -> np.ndarray:
+    """An (N, m) float array; an empty input gives shape (0, m)."""
     try:
         arr = np.asarray(points, dtype=float)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"points must be numeric pairs, an (N, 2) array: {exc}") from None
+        raise ValueError(f"points must be numeric rows, an (N, {m}) array: {exc}") from None
     if arr.size == 0:
-        return np.zeros((0, 2))
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"points must have shape (N, 2) (two objectives), got shape {arr.shape}")
+        return np.zeros((0, m))
+    if arr.ndim != 2 or arr.shape[1] != m:
+        raise ValueError(f"points must have shape (N, {m}) (one column per objective), got shape {arr.shape}")
     return arr
 
 
-def _front_mask(minimised: np.ndarray) -> np.ndarray:
-    """Boolean mask of the non-dominated rows of an (N, 2) array to minimise. O(N log N).
+def _dominated_by_any(minimised: np.ndarray) -> np.ndarray:
+    """(N, N) boolean matrix: [i, j] is True when row j dominates row i (rows finite, to minimise)."""
+    le = (minimised[None, :, :] <= minimised[:, None, :]).all(axis=2)
+    lt = (minimised[None, :, :] < minimised[:, None, :]).any(axis=2)
+    return le & lt
 
-    Rows must already be finite. Sort by (f0, f1); within a group of equal f0 only the rows with the
-    group's smallest f1 can survive, and they do when that f1 is strictly below every f1 seen in
-    groups with a smaller f0 (an equal f1 with a smaller f0 dominates).
-    """
+
+def _ranks_minimised(minimised: np.ndarray) -> np.ndarray:
+    """Non-dominated sorting of finite rows: 0 for the front, 1 for the front of the rest, ..."""
     n = len(minimised)
-    mask = np.zeros(n, dtype=bool)
+    out = np.full(n, -1, dtype=int)
     if n == 0:
-        return mask
-    order = np.lexsort((minimised[:, 1], minimised[:, 0]))  # primary key f0, then f1
-    best_f1 = math.inf
-    i = 0
-    while i < n:
-        f0 = minimised[order[i], 0]
-        j = i
-        while j < n and minimised[order[j], 0] == f0:
-            j += 1
-        group_min = minimised[order[i], 1]  # sorted by f1 inside the group
-        if group_min < best_f1:
-            k = i
-            while k < j and minimised[order[k], 1] == group_min:
-                mask[order[k]] = True
-                k += 1
-            best_f1 = group_min
-        i = j
-    return mask
+        return out
+    dom = _dominated_by_any(minimised)
+    remaining = np.ones(n, dtype=bool)
+    rank = 0
+    while remaining.any():
+        layer = remaining & ~(dom[:, remaining].any(axis=1))
+        out[layer] = rank
+        remaining &= ~layer
+        rank += 1
+    return out
+
+
+def ranks(points, directions: Sequence[str]) -> list[int]:
+    """The non-dominated rank of every point (0 = on the front); -1 for a NaN or infinite point."""
+    signs = _signs(directions)
+    arr = _as_points(points, len(signs))
+    out = np.full(len(arr), -1, dtype=int)
+    finite = np.flatnonzero(np.isfinite(arr).all(axis=1))
+    out[finite] = _ranks_minimised(arr[finite] * signs)
+    return [int(r) for r in out]
 
 
 def front(points, directions: Sequence[str]) -> list[int]:
     """Indices (ascending) of the non-dominated points.
 
-    ``points`` is a sequence of pairs or an (N, 2) array; ``directions`` says for each objective
+    ``points`` is a sequence of rows or an (N, M) array; ``directions`` says for each objective
     whether it is maximised or minimised, e.g. ``("max", "min")`` for (accuracy, MACs). Identical
     points are all kept; points with NaN or infinite coordinates are excluded.
     """
+    return [i for i, r in enumerate(ranks(points, directions)) if r == 0]
+
+
+def _hv2(pts: np.ndarray, ref: np.ndarray) -> float:
+    """Area dominated by rows (to minimise, all strictly better than ``ref``) up to ``ref``."""
+    if len(pts) == 0:
+        return 0.0
+    order = np.lexsort((pts[:, 1], pts[:, 0]))
+    area, best_y = 0.0, ref[1]
+    xs = pts[order, 0]
+    ys = pts[order, 1]
+    for k in range(len(xs)):  # staircase: each step spans to the next smaller-y point's x
+        if ys[k] < best_y:
+            best_y = ys[k]
+        next_x = xs[k + 1] if k + 1 < len(xs) else ref[0]
+        area += (next_x - xs[k]) * (ref[1] - best_y)
+    return float(area)
+
+
+def _hv3(pts: np.ndarray, ref: np.ndarray) -> float:
+    """Volume: slices along the third objective, each slice the 2-D area of the points below it."""
+    if len(pts) == 0:
+        return 0.0
+    zs = np.unique(pts[:, 2])
+    bounds = np.append(zs[1:], ref[2])
+    volume = 0.0
+    for z, z_next in zip(zs, bounds):
+        volume += _hv2(pts[pts[:, 2] <= z][:, :2], ref[:2]) * (z_next - z)
+    return float(volume)
+
+
+def _prepared(points, reference, directions) -> tuple[np.ndarray, np.ndarray]:
+    """(rows that count, to minimise and strictly better than the reference; the reference)."""
     signs = _signs(directions)
-    arr = _as_points(points)
-    finite = np.flatnonzero(np.isfinite(arr).all(axis=1))
-    mask = _front_mask(arr[finite] * signs)
-    return sorted(int(i) for i in finite[mask])
-
-
-def hypervolume(points, reference: Sequence[float], directions: Sequence[str]) -> float:
-    """Exact area dominated by the points and bounded by ``reference`` (two objectives).
-
-    The area is that of the union of the rectangles between each point and the reference point.
-    A point that is not strictly better than the reference on both objectives contributes nothing,
-    as do NaN or infinite points. Hypervolumes are comparable only under the same reference and
-    directions.
-    """
-    signs = _signs(directions)
-    arr = _as_points(points)
+    m = len(signs)
+    arr = _as_points(points, m)
     ref = np.asarray(reference, dtype=float) if not isinstance(reference, str) else None
-    if ref is None or ref.shape != (2,):
-        raise ValueError(f"reference must be a pair of numbers, got {reference!r}")
+    if ref is None or ref.shape != (m,):
+        raise ValueError(f"reference must be {m} numbers (one per objective), got {reference!r}")
     if not np.isfinite(ref).all():
         raise ValueError(f"reference must be finite, got {list(ref)!r}")
     ref = ref * signs
-    arr = arr[np.isfinite(arr).all(axis=1)] * signs
-    arr = arr[(arr < ref).all(axis=1)]
-    if len(arr) == 0:
+    arr = np.where(np.isfinite(arr).all(axis=1, keepdims=True), arr * signs, np.inf)
+    return arr, ref
+
+
+def _hv(minimised: np.ndarray, ref: np.ndarray) -> float:
+    pts = minimised[(minimised < ref).all(axis=1)]
+    if len(pts) == 0:
         return 0.0
-    pts = np.unique(arr[_front_mask(arr)], axis=0)  # sorted by f0 ascending, so f1 descending
-    next_f0 = np.append(pts[1:, 0], ref[0])
-    return float(np.sum((next_f0 - pts[:, 0]) * (ref[1] - pts[:, 1])))
+    pts = np.unique(pts[_ranks_minimised(pts) == 0], axis=0)
+    return _hv2(pts, ref) if len(ref) == 2 else _hv3(pts, ref)
 
 
-def default_reference(points, directions: Sequence[str]) -> tuple[float, float]:
+def hypervolume(points, reference: Sequence[float], directions: Sequence[str]) -> float:
+    """Exact area (2 objectives) or volume (3) dominated by the points and bounded by ``reference``.
+
+    It is the measure of the union of the boxes between each point and the reference point. A point
+    that is not strictly better than the reference on every objective contributes nothing, as do NaN
+    or infinite points. Hypervolumes are comparable only under the same reference and directions.
+    """
+    arr, ref = _prepared(points, reference, directions)
+    return _hv(arr, ref)
+
+
+def contributions(points, reference: Sequence[float], directions: Sequence[str]) -> list[float]:
+    """Each point's exclusive hypervolume contribution: the total minus the total without it (0 for
+    a dominated point, for either of two identical points, and for a non-finite one)."""
+    arr, ref = _prepared(points, reference, directions)
+    total = _hv(arr, ref)
+    keep = np.ones(len(arr), dtype=bool)
+    out = []
+    for i in range(len(arr)):
+        keep[i] = False
+        out.append(max(0.0, total - _hv(arr[keep], ref)))
+        keep[i] = True
+    return out
+
+
+def default_reference(points, directions: Sequence[str]) -> tuple[float, ...]:
     """A reference point a little worse than every finite point, for ``hypervolume``.
 
     Per objective, with ``worst`` its worst finite value and ``span`` its range (1 if all equal):
@@ -126,12 +183,11 @@ def default_reference(points, directions: Sequence[str]) -> tuple[float, float]:
     * ``"min"``: ``1.1 * worst`` when every value is > 0 (MACs, params, latency), else
       ``worst + 0.1 * span``.
 
-    So for (accuracy "max", MACs "min") it is ``(0, 1.1 * max MACs)``. It depends on the points, so
-    to compare sweeps, pass one fixed reference to every ``hypervolume`` call instead (the dense
-    model's MACs is a good MACs coordinate: no pruned model exceeds it).
+    It depends on the points, so to compare sweeps pass one fixed reference to every
+    ``hypervolume`` call instead (``search.objectives.reference``).
     """
     signs = _signs(directions)
-    arr = _as_points(points)
+    arr = _as_points(points, len(signs))
     arr = arr[np.isfinite(arr).all(axis=1)]
     if len(arr) == 0:
         raise ValueError("default_reference needs at least one point with finite coordinates")
@@ -143,4 +199,4 @@ def default_reference(points, directions: Sequence[str]) -> tuple[float, float]:
             ref.append(0.0 if lo >= 0 else lo - 0.1 * span)
         else:
             ref.append(1.1 * hi if lo > 0 else hi + 0.1 * span)
-    return float(ref[0]), float(ref[1])
+    return tuple(float(r) for r in ref)

@@ -49,10 +49,9 @@ from typing import Any, Iterator, Sequence, TextIO
 from methods.errors import ConfigError, PruneTuneError
 
 from .compare import DEFAULT_TRACKING_URI, SweepRef, resolve_sweeps
-from .fronts import DIRECTIONS, TrialPoint, sweep_points
+from .fronts import FEASIBLE_TAG, TrialPoint, front_of, sweep_points
 from .mlflow_model import log_pt2_model, trial_model_id
 from .mlflow_model import tracking_uri as _tracking_uri
-from .pareto import front
 from .tracking import child_runs
 
 __all__ = ["promote", "PromotionResult", "PromotionError", "select_candidate", "pareto_candidates",
@@ -100,18 +99,21 @@ class PromotionResult:
 
 # ---- choosing ------------------------------------------------------------------------------------------------
 def pareto_candidates(ref: SweepRef) -> list[TrialPoint]:
-    """The sweep's front in its searched cost, cheapest first: runs tagged ``pareto=true``, or
-    front() if tags are missing."""
+    """The sweep's front in its objectives, cheapest first: runs tagged ``pareto=true``, or the
+    front recomputed if tags are missing. Trials outside the sweep's constraints
+    (``prunetune.feasible=false``) are never candidates."""
     client = ref.client()
-    points = sweep_points(client, ref.parent_run_id, ref.objective)
+    points = sweep_points(client, ref.parent_run_id, ref.objectives)
+    runs = {r.info.run_id: r.data.tags for r in child_runs(client, ref.parent_run_id)}
+    points = [p for p in points if runs.get(p.run_id, {}).get(FEASIBLE_TAG) != "false"]
     if not points:
-        raise ConfigError(f"sweep {ref.label!r} (run {ref.parent_run_id}) has no finished trial to promote")
-    tags = {r.info.run_id: r.data.tags.get("pareto") for r in child_runs(client, ref.parent_run_id)}
+        raise ConfigError(f"sweep {ref.label!r} (run {ref.parent_run_id}) has no finished feasible trial to promote")
+    tags = {run_id: t.get("pareto") for run_id, t in runs.items()}
     if all(tags.get(p.run_id) in ("true", "false") for p in points):
         best = [p for p in points if tags[p.run_id] == "true"]
     else:
         log.info("sweep %s: some trials have no pareto tag; recomputing the front", ref.label)
-        best = [points[i] for i in front([p.objectives for p in points], DIRECTIONS)]
+        best = front_of(points, ref.objectives)
     return sorted(best, key=lambda p: (p.cost, -p.accuracy))
 
 

@@ -20,31 +20,39 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Sequence
 
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from .config import COST_METRICS
+from . import objectives as _objectives
+from .constraints import ConstraintsConfig, constraint_values
 
 __all__ = ["ParetoOptunaSearch", "make_sampler", "objectives", "MODES", "FINAL_KEY", "EVERY_EPOCH"]
 
 log = logging.getLogger(__name__)
-MODES = ["max", "min"]
+#: The directions of the default objectives (accuracy, MACs); a sweep's own come from ``search.objectives``.
+MODES = list(_objectives.directions(_objectives.DEFAULT))
 #: Only a trial's last report carries this metric; its presence marks a finished trial.
 FINAL_KEY = "test_accuracy"
-#: Objectives every epoch's result carries (the others, e.g. ``latency_ratio``, only the final one).
-EVERY_EPOCH = ("accuracy", "macs")
+#: Metrics every epoch's result carries (the others, e.g. ``latency_ratio``, only the final one).
+EVERY_EPOCH = tuple(o.metric for o in _objectives.OBJECTIVES.values() if o.every_epoch)
 
 
 def objectives(objective: str = "macs") -> list[str]:
-    """The metric names Optuna optimises for a config's ``objective``: accuracy, then the cost."""
-    return ["accuracy", COST_METRICS[objective]]
+    """The metric names Optuna optimises for a config's ``objective`` shorthand: accuracy, then the cost."""
+    return _objectives.metrics(_objectives.SHORTHANDS[objective])
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The sampler. Budgets reach TPE and NSGA-II through each trial's constraint values (see
+    ``ParetoOptunaSearch``): Optuna 5 reads ``FrozenTrial.constraints`` whenever a trial has any,
+    and deprecates ``constraints_func`` in favour of ``Trial.set_constraint``."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8)
+        with warnings.catch_warnings():  # `group` is marked experimental; we rely on it knowingly
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "random":
@@ -53,11 +61,20 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 class ParetoOptunaSearch(OptunaSearch):
-    """``objective`` is the config's (``macs`` or ``latency``): Optuna gets ``[accuracy, macs]`` or
-    ``[accuracy, latency_ratio]`` (max, min) from each finished trial's final result."""
+    """``objectives`` are the config's (names from ``search.objectives``, e.g. ``("accuracy",
+    "macs")``; ``objective`` is the shorthand, ``macs`` or ``latency``, used when ``objectives`` is
+    None): Optuna gets their metrics, in their directions, from each finished trial's final result."""
 
-    def __init__(self, space: Callable, sampler: optuna.samplers.BaseSampler, seed: int, objective: str = "macs"):
-        super().__init__(space=space, metric=objectives(objective), mode=MODES, sampler=sampler, seed=seed)
+    def __init__(self, space: Callable, sampler: optuna.samplers.BaseSampler, seed: int, objective: str = "macs",
+                 objectives: Sequence[str] | None = None, constraints: ConstraintsConfig | None = None):
+        self.constraints = constraints if constraints is not None and constraints.active else None
+        names = tuple(objectives) if objectives is not None else _objectives.SHORTHANDS[objective]
+        super().__init__(space=space, metric=_objectives.metrics(names), mode=list(_objectives.directions(names)),
+                         sampler=sampler, seed=seed)
+
+    def add_trials(self, trials) -> None:
+        """Add finished trials (``search.warm_start``) to the study before the first suggestion."""
+        self._ot_study.add_trials(trials)
 
     @property
     def objectives(self) -> list[str]:
@@ -95,6 +112,12 @@ class ParetoOptunaSearch(OptunaSearch):
             else:
                 log.warning("trial %s finished without finite %s (got %s): told FAIL", trial_id,
                             " and ".join(self.objectives), raw)
+        constraints = getattr(self, "constraints", None)  # None in searchers pickled before the field
+        if constraints is not None and result is not None and state != optuna.trial.TrialState.FAIL:
+            # Optuna's constraints (<= 0 feasible), one per budget, set before tell: TPE and NSGA-II
+            # read them from the finished trial (FrozenTrial.constraints) to learn the feasible region.
+            for name, value in zip(constraints.active, constraint_values(constraints, result)):
+                ot_trial.set_constraint(name, value)
         try:
             self._ot_study.tell(ot_trial, values, state=state)
         except (RuntimeError, ValueError) as exc:  # e.g. already finished in the study: keep the sweep going

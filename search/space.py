@@ -6,7 +6,7 @@ from typing import Any
 
 from methods.hyperparameters import Hyperparameter
 
-__all__ = ["make_space", "suggest", "DefineByRun"]
+__all__ = ["make_space", "suggest", "DefineByRun", "distribution"]
 
 
 def suggest(trial, name: str, hp: Hyperparameter) -> Any:
@@ -20,6 +20,19 @@ def suggest(trial, name: str, hp: Hyperparameter) -> Any:
     if hp.kind == "int":
         return trial.suggest_int(name, int(hp.low), int(hp.high), log=hp.log)
     return trial.suggest_float(name, hp.low, hp.high, log=hp.log)
+
+
+def distribution(hp: Hyperparameter):
+    """The Optuna distribution ``suggest`` samples ``hp`` from (None for a fixed value: a constant)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if hp.fixed:
+        return None
+    if hp.kind == "categorical":
+        return CategoricalDistribution(list(hp.choices))
+    if hp.kind == "int":
+        return IntDistribution(int(hp.low), int(hp.high), log=hp.log)
+    return FloatDistribution(hp.low, hp.high, log=hp.log)
 
 
 class DefineByRun:
@@ -41,6 +54,20 @@ class DefineByRun:
             if hp.fixed:
                 constants[key] = value
         return constants
+
+    def distributions(self, method: str) -> dict[str, Any]:
+        """Name -> Optuna distribution of everything a trial of ``method`` samples (what
+        ``__call__`` asks for), e.g. to add an earlier trial to the study."""
+        out: dict[str, Any] = {}
+        if len(self.methods) > 1:
+            from optuna.distributions import CategoricalDistribution
+
+            out["method"] = CategoricalDistribution(self.methods)
+        for name, hp in self.space[method].items():
+            dist = distribution(hp)
+            if dist is not None:
+                out[f"{method}.{name}"] = dist
+        return out
 
 
 def make_space(space: dict[str, dict[str, Hyperparameter]]) -> DefineByRun:

@@ -52,7 +52,10 @@ class SweepResult:
     hypervolume: float
     front: list = field(default_factory=list)
     base_metrics: dict[str, Any] = field(default_factory=dict)
-    objective: str = "macs"  # the config's: the front's cost is MACs or the latency ratio
+    objective: str | None = "macs"  # the config's shorthand (None for an objectives list that has none)
+    objectives: tuple = ("accuracy", "macs")  # the config's: the front's objectives
+    stopped: int = 0     # trials stopped early (search.early_stopping)
+    infeasible: int = 0  # finished trials outside the config's constraints (kept off the front)
 
 
 def settings_from_config(cfg: SweepConfig):
@@ -113,21 +116,23 @@ def _tune_location(exp_dir: str) -> tuple[str, dict[str, Any]]:
     return path, {"storage_filesystem": fs}
 
 
-def _record_front(client, parent: str, exp_dir: str, dense_macs: float, objective: str) -> dict:
+def _record_front(client, parent: str, exp_dir: str, dense_macs, objective, constraints=None) -> dict:
     """``record_front`` writes the CSV and PNG into a folder and logs them to MLflow; for an object
     store that folder is temporary and its files are also copied to ``exp_dir/front``."""
     from .fronts import record_front
 
     local = storage.local_path(exp_dir)
     if local is not None:
-        return record_front(client, parent, local / "front", dense_macs=dense_macs, objective=objective)
+        return record_front(client, parent, local / "front", dense_macs=dense_macs, objective=objective,
+                            constraints=constraints)
     with tempfile.TemporaryDirectory(prefix="prunetune-front-") as tmp:
-        summary = record_front(client, parent, Path(tmp), dense_macs=dense_macs, objective=objective)
+        summary = record_front(client, parent, Path(tmp), dense_macs=dense_macs, objective=objective,
+                               constraints=constraints)
         storage.upload_dir(tmp, storage.join(exp_dir, "front"))
     return summary
 
 
-def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: bool) -> SweepResult:
+def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: bool, warm: list = ()) -> SweepResult:
     """Open (or reopen) the parent run, then ``_sweep``. However it ends, the parent run says how:
     FINISHED (with the front), KILLED (SIGINT/SIGTERM: resumable, no front) or FAILED (the reason
     in its ``failure_reason`` tag); children still RUNNING are closed as KILLED."""
@@ -148,7 +153,7 @@ def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: boo
             state = {"parent_run_id": parent, "tracking_uri": cfg.tracking_uri, "config": cfg.to_dict()}
             storage.write_text(storage.join(exp_dir, STATE_FILE), json.dumps(state, indent=1))
             log.info("MLflow parent run %s in experiment %r (%s)", parent, cfg.name, cfg.tracking_uri)
-            result = _sweep(cfg, exp_dir, client, parent, restore, interrupts)
+            result = _sweep(cfg, exp_dir, client, parent, restore, interrupts, warm)
         except KeyboardInterrupt:
             signum = interrupts.signum or signal.SIGINT
             log.warning("%s: stopping the sweep; the parent run %s is KILLED", signal.Signals(signum).name, parent)
@@ -179,13 +184,15 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:4000]
 
 
-def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, interrupts: Interrupts) -> SweepResult:
+def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, interrupts: Interrupts,
+           warm: list = ()) -> SweepResult:
     import ray
 
     from methods.cost import profile
     from trainables.base_model import build_model
     from trainables.workspace import load_data
 
+    from .progress import tune_environment, tune_verbosity
     from .tracking import child_runs
 
     started = _init_ray(cfg)
@@ -194,19 +201,23 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
         settings = settings_from_config(cfg)
         base_metrics = _base_model(cfg, settings, client, parent)
         data = load_data(settings)
-        tuner = _tuner(cfg, settings, exp_dir, parent, restore, _input_example(data))
-        with interrupts.tune_running():
+        tuner = _tuner(cfg, settings, exp_dir, parent, restore, _input_example(data), warm)
+        with interrupts.tune_running(), tune_environment(cfg.checkpoint_period_s, tune_verbosity()):
             tuner.fit()
         if interrupts.signum is not None:  # Tune stopped on the signal and saved its state
             raise KeyboardInterrupt
-        failed = sum(1 for r in child_runs(client, parent) if r.info.status == "FAILED")
-        dense_macs = profile(build_model(settings), tuple(data.input_shape)).macs
-        summary = _record_front(client, parent, exp_dir, dense_macs, cfg.objective)
+        children = child_runs(client, parent)
+        failed = sum(1 for r in children if r.info.status == "FAILED")
+        stopped = sum(1 for r in children if "prunetune.stopped_at_rung" in r.data.tags)
+        dense = profile(build_model(settings), tuple(data.input_shape))
+        summary = _record_front(client, parent, exp_dir, {"dense_macs": dense.macs, "dense_params": dense.params},
+                                cfg.objectives, cfg.constraints)
         client.set_terminated(parent, status="FINISHED")
         log.info("sweep done: %d finished, %d failed; front of %d, hypervolume %.4g",
                  summary["trials"], failed, len(summary["front"]), summary["hypervolume"])
         return SweepResult(exp_dir if storage.is_uri(exp_dir) else Path(exp_dir), parent, summary["trials"], failed,
-                           summary["hypervolume"], summary["front"], base_metrics, cfg.objective)
+                           summary["hypervolume"], summary["front"], base_metrics, cfg.objective, cfg.objectives,
+                           stopped, summary.get("infeasible", 0))
     finally:
         if started:
             ray.shutdown()
@@ -240,18 +251,22 @@ def _base_model(cfg: SweepConfig, settings, client, parent: str) -> dict[str, An
     return base_metrics
 
 
-def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool, example=None):
-    """``example``: the input example of every trial's MLflow model (see ``MLflowTrialLogger``)."""
+def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool, example=None, warm: list = ()):
+    """``example``: the input example of every trial's MLflow model (see ``MLflowTrialLogger``);
+    ``warm``: earlier sweeps' finished trials for the new study (``search.warm_start``)."""
     from ray import tune
 
     from trainables.tune_trainable import trial_fn
 
+    from .early_stopping import scheduler_and_callbacks
+    from .progress import ProgressLines, tune_verbosity
     from .searcher import ParetoOptunaSearch, make_sampler
     from .space import make_space
     from .tracking import MLflowTrialLogger
 
     res = cfg.resources_per_trial
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings),
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings,
+                                                         checkpoint_period_s=cfg.checkpoint_period_s),
                                     {"cpu": res.cpu, "gpu": res.gpu})
     tune_path, tune_storage = _tune_location(exp_dir)
     if restore and not tune.Tuner.can_restore(tune_path, **tune_storage):
@@ -266,17 +281,21 @@ def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool,
         # were told to Optuna as FAIL and recorded FAILED, and used up their retries already.
         return tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False, **tune_storage)
+    scheduler, callbacks = scheduler_and_callbacks(cfg, parent)
+    callbacks.append(ProgressLines(cfg.num_trials, scheduler))
     searcher = ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler(cfg.sampler, cfg.seed), cfg.seed,
-                                  objective=cfg.objective)
+                                  objectives=cfg.objectives, constraints=cfg.constraints)
+    if warm:
+        searcher.add_trials(warm)  # earlier sweeps' finished trials, before the first suggestion
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cfg.num_trials,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.num_trials,
                                     max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
         run_config=tune.RunConfig(
             name=os.path.basename(tune_path), storage_path=os.path.dirname(tune_path), **tune_storage,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[MLflowTrialLogger(cfg.tracking_uri, parent, example)], verbose=1),
+            callbacks=[MLflowTrialLogger(cfg.tracking_uri, parent, example), *callbacks], verbose=tune_verbosity()),
     )
 
 
@@ -295,8 +314,15 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     preflight(cfg)  # environment problems are one clear line before Ray or MLflow start
     # Recorded absolute in the state file, so resume, fronts and promote work from any directory.
     cfg = dataclasses.replace(cfg, tracking_uri=absolute_uri(cfg.tracking_uri))
+    warm = []
+    if cfg.warm_start:  # refused in one line (other model or dataset) before Ray or the new run start
+        from .space import make_space
+        from .warm_start import warm_start_trials
+
+        warm = warm_start_trials(cfg, make_space(cfg.search_space()))
     exp_dir = storage.join(cfg.storage_path, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return _run(cfg, exp_dir if storage.is_uri(exp_dir) else str(Path(exp_dir).resolve()), None, restore=False)
+    return _run(cfg, exp_dir if storage.is_uri(exp_dir) else str(Path(exp_dir).resolve()), None, restore=False,
+                warm=warm)
 
 
 def resume_sweep(experiment_dir: str | os.PathLike) -> SweepResult:

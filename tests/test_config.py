@@ -362,3 +362,32 @@ def test_quickstart_searches_macs():
     """MACs stay the quickstart's (and the default) cost: latency on a shared CPU is noisy."""
     assert load_config(CONFIGS / "quickstart.yaml").objective == "macs"
     assert "objective: macs" in (CONFIGS / "quickstart.yaml").read_text()
+
+
+# ---- objectives ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, objective, objectives", [
+    ([], "macs", ("accuracy", "macs")),
+    (["objective=latency"], "latency", ("accuracy", "latency_ratio")),
+    (["objectives=[accuracy, macs]"], "macs", ("accuracy", "macs")),
+    (["objectives=[accuracy, latency_ratio]"], "latency", ("accuracy", "latency_ratio")),
+    (["objectives=[accuracy, macs, params]"], None, ("accuracy", "macs", "params")),
+    (["objective=latency", "objectives=[params, accuracy]"], None, ("params", "accuracy")),
+])
+def test_objectives_list_and_shorthand(overrides, objective, objectives):
+    cfg = load_config(CONFIGS / "quickstart.yaml", overrides)
+    assert (cfg.objective, cfg.objectives) == (objective, objectives)
+    assert config_from_dict(cfg.to_dict()) == cfg  # the round trip through the state file
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[accuracy]", "objectives: must name 2 or 3 objectives, got 1: ['accuracy']"),
+    ("[accuracy, macs, params, latency_ratio]", "objectives: must name 2 or 3 objectives, got 4: "
+                                                "['accuracy', 'macs', 'params', 'latency_ratio']"),
+    ("[accuracy, flops]", "objectives[1]: unknown objective 'flops'; valid: accuracy, macs, params, latency_ratio"),
+    ("[macs, macs]", "objectives[1]: 'macs' is listed twice"),
+    ("macs", "objectives: must be a list of 2 or 3 of accuracy, macs, params, latency_ratio, got 'macs'"),
+])
+def test_bad_objectives_is_one_exact_line(value, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "quickstart.yaml", [f"objectives={value}"])
+    assert str(info.value) == message

@@ -44,6 +44,8 @@ def _errors(stderr: str) -> list[str]:
 
 
 def _sweep_args(*overrides: str) -> list[str]:
+    # Every trial runs its whole budget and checkpoints every epoch (so Tune's state shows it running).
+    overrides = ("early_stopping.type=none", "checkpoint_period_s=0") + overrides
     return ["run", str(QUICKSTART)] + [a for o in overrides for a in ("--set", o)]
 
 

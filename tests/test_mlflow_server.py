@@ -38,7 +38,7 @@ def server_sweep(ray_local, mlflow_server, tmp_path_factory):
     cwd = root / "cwd"
     cwd.mkdir()
     cfg = load_config(str(QUICKSTART), TINY_SWEEP + [
-        "finetune.epochs=2", f"tracking_uri={mlflow_server.uri}", f"storage_path={root}/ray_results",
+        "finetune.epochs=2", "early_stopping.type=none", f"tracking_uri={mlflow_server.uri}", f"storage_path={root}/ray_results",
         "name=tiny-server"])
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from search.pareto import default_reference, front, hypervolume
+from search.pareto import contributions, default_reference, front, hypervolume, ranks
 
 DIRECTIONS = [("max", "min"), ("min", "min"), ("max", "max"), ("min", "max")]
 
@@ -223,8 +223,8 @@ def test_default_reference_is_worse_than_every_point_otherwise():
 @pytest.mark.parametrize("directions, match", [
     (("max", "minimize"), r"directions\[1\].*'minimize'"),
     (("up", "min"), r"directions\[0\].*'up'"),
-    (("max",), "2 objectives"),
-    (("max", "min", "min"), "2 objectives"),
+    (("max",), "2 or 3 objectives"),
+    (("max", "min", "min", "min"), "2 or 3 objectives"),
     ("maxmin", "pair"),
 ])
 def test_bad_directions(directions, match):
@@ -247,3 +247,110 @@ def test_bad_reference():
         hypervolume([(1, 2)], (0, float("nan")), ("max", "min"))
     with pytest.raises(ValueError, match="numeric"):
         front([("a", "b")], ("max", "min"))
+
+
+# ---- three objectives: fronts, ranks, exact volume, contributions -----------------------------------
+DIRECTIONS_3D = [("max", "min", "min"), ("min", "min", "min"), ("max", "max", "min"), ("min", "max", "max")]
+
+
+def _grid_union_volume(points, reference, directions) -> float:
+    """Independent check: the union volume of the dominated boxes on the grid of all their edges
+    (every cell is covered or not as a whole), counted cell by cell."""
+    boxes = []
+    for p in points:
+        if not all(math.isfinite(v) for v in p) or not all(_better(v, r, d) for v, r, d in zip(p, reference, directions)):
+            continue
+        boxes.append([sorted((v, r)) for v, r in zip(p, reference)])
+    if not boxes:
+        return 0.0
+    axes = [sorted({b[k][0] for b in boxes} | {b[k][1] for b in boxes}) for k in range(3)]
+    volume = 0.0
+    for xa, xb in zip(axes[0], axes[0][1:]):
+        for ya, yb in zip(axes[1], axes[1][1:]):
+            for za, zb in zip(axes[2], axes[2][1:]):
+                c = ((xa + xb) / 2, (ya + yb) / 2, (za + zb) / 2)
+                if any(all(b[k][0] <= c[k] <= b[k][1] for k in range(3)) for b in boxes):
+                    volume += (xb - xa) * (yb - ya) * (zb - za)
+    return volume
+
+
+def _inclusion_exclusion_volume(points, reference, directions) -> float:
+    boxes = [[sorted((v, r)) for v, r in zip(p, reference)] for p in points
+             if all(math.isfinite(v) for v in p) and all(_better(v, r, d) for v, r, d in zip(p, reference, directions))]
+    total = 0.0
+    for k in range(1, len(boxes) + 1):
+        for subset in itertools.combinations(boxes, k):
+            sides = [min(b[a][1] for b in subset) - max(b[a][0] for b in subset) for a in range(3)]
+            if all(s > 0 for s in sides):
+                total += (-1) ** (k + 1) * sides[0] * sides[1] * sides[2]
+    return total
+
+
+def _brute_ranks(points, directions) -> list[int]:
+    out = [-1] * len(points)
+    left = [i for i, p in enumerate(points) if all(math.isfinite(v) for v in p)]
+    rank = 0
+    while left:
+        layer = [i for i in left if not any(_dominates(points[j], points[i], directions) for j in left if j != i)]
+        for i in layer:
+            out[i] = rank
+        left = [i for i in left if i not in layer]
+        rank += 1
+    return out
+
+
+def _random_points_3d(rng: np.random.Generator, n: int) -> np.ndarray:
+    pts = rng.integers(0, 5, size=(n, 3)).astype(float) if rng.random() < 0.5 else rng.random((n, 3))
+    if n and rng.random() < 0.3:
+        pts[rng.integers(n)] = pts[rng.integers(n)]
+    if n and rng.random() < 0.2:
+        pts[rng.integers(n), rng.integers(3)] = np.nan
+    return pts
+
+
+@pytest.mark.parametrize("directions", DIRECTIONS_3D)
+def test_3d_hypervolume_matches_grid_counting_and_inclusion_exclusion(directions):
+    rng = np.random.default_rng(hash(directions) % 2**32)
+    for _ in range(40):
+        pts = _random_points_3d(rng, int(rng.integers(0, 8)))
+        finite = pts[np.isfinite(pts).all(axis=1)] if len(pts) else pts
+        ref = default_reference(finite, directions) if len(finite) else (0.5, 0.5, 0.5)
+        ref = tuple(r + (rng.random() - 0.5) for r in ref)  # sometimes a point lies outside the reference
+        got = hypervolume(pts, ref, directions)
+        assert got == pytest.approx(_grid_union_volume(pts.tolist(), ref, directions), rel=1e-9, abs=1e-12)
+        if len(pts) <= 6:
+            assert got == pytest.approx(_inclusion_exclusion_volume(pts.tolist(), ref, directions), rel=1e-9, abs=1e-12)
+
+
+def test_3d_hand_example():
+    # By hand:
+    # p=(1,1,2) box [1,3]x[1,3]x[2,3] = 4; q=(2,2,0) box [2,3]x[2,3]x[0,3] = 3; overlap [2,3]^2x[2,3] = 1.
+    assert hypervolume([(1, 1, 2), (2, 2, 0)], (3, 3, 3), ("min", "min", "min")) == pytest.approx(6.0)
+    assert front([(1, 1, 2), (2, 2, 0), (2, 2, 2)], ("min", "min", "min")) == [0, 1]
+
+
+@pytest.mark.parametrize("directions", DIRECTIONS_3D + DIRECTIONS)
+def test_ranks_match_brute_force(directions):
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        n = int(rng.integers(0, 12))
+        pts = _random_points_3d(rng, n)[:, :len(directions)]
+        assert ranks(pts, directions) == _brute_ranks(pts.tolist(), directions)
+        assert front(pts, directions) == _brute_front(pts.tolist(), directions)
+
+
+@pytest.mark.parametrize("directions", [("max", "min"), ("max", "min", "min")])
+def test_contributions_are_exclusive_volumes(directions):
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        pts = rng.random((6, len(directions)))
+        ref = default_reference(pts, directions)
+        got = contributions(pts, ref, directions)
+        total = hypervolume(pts, ref, directions)
+        for i in range(len(pts)):
+            rest = np.delete(pts, i, axis=0)
+            assert got[i] == pytest.approx(total - hypervolume(rest, ref, directions), abs=1e-12)
+        on_front = set(front(pts, directions))
+        assert all(got[i] == 0 for i in range(len(pts)) if i not in on_front)
+    dup = [(0.5, 0.5), (0.5, 0.5), (0.2, 0.9)]
+    assert contributions(dup, (0, 1), ("max", "min"))[:2] == [0.0, 0.0]

@@ -82,7 +82,7 @@ def test_killed_sweep_resumes_with_same_parent_trials_and_study(tmp_path):
     storage, db = tmp_path / "ray", tmp_path / "mlflow.db"
     tracking_uri = f"sqlite:///{db}"
     overrides = ["methods=[l1_norm, random]", "space={prune_ratio: [0.2, 0.8]}", f"num_trials={NUM_TRIALS}",
-                 "max_concurrent_trials=2", "base.epochs=1", f"finetune.epochs={FINETUNE_EPOCHS}", "sampler=random",
+                 "max_concurrent_trials=2", "base.epochs=1", f"finetune.epochs={FINETUNE_EPOCHS}", "early_stopping.type=none", "checkpoint_period_s=0", "sampler=random",
                  "name=resume", f"tracking_uri={tracking_uri}", f"storage_path={storage}"]
     mark = uuid.uuid4().hex
     env = _env(mark)

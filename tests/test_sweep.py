@@ -61,7 +61,7 @@ def test_base_model_is_trained_once_and_reused(tiny_sweep):
 
 def test_nonfinite_trials_fail_with_reason_and_sweep_finishes(ray_local, tmp_path):
     cfg = load_config("configs/quickstart.yaml", [
-        "methods=[l1_norm]", "num_trials=2", "base.epochs=1", "finetune.epochs=2", "finetune.lr=1.0e+12",
+        "methods=[l1_norm]", "num_trials=2", "base.epochs=1", "finetune.epochs=2", "early_stopping.type=none", "finetune.lr=1.0e+12",
         f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"storage_path={tmp_path}/ray",
         "name=nan"])
     result = run_sweep(cfg)  # returns: failed trials do not stop the sweep

@@ -62,7 +62,7 @@ def test_trial_survives_worker_node_death(tmp_path):
         worker_raylet = cluster.raylet_pid(worker_node)
         assert worker_raylet, "no raylet with the worker node's node-manager port"
         overrides = ["methods=[l1_norm]", "space={prune_ratio: [0.3, 0.6]}", f"num_trials={NUM_TRIALS}",
-                     "max_concurrent_trials=2", "base.epochs=2", f"finetune.epochs={FINETUNE_EPOCHS}",
+                     "max_concurrent_trials=2", "base.epochs=2", f"finetune.epochs={FINETUNE_EPOCHS}", "early_stopping.type=none", "checkpoint_period_s=0",
                      "max_failures=2", f"address={cluster.address}", "name=twonode", f"tracking_uri={tracking_uri}",
                      f"storage_path={storage}"]
         driver = cluster.spawn(driver_command(overrides), log)
@@ -133,7 +133,7 @@ def test_driver_killed_while_joined_to_a_cluster_resumes_there(tmp_path):
         cluster.start_head()
         worker_raylet = cluster.raylet_pid(cluster.add_worker())
         overrides = ["methods=[l1_norm]", "space={prune_ratio: [0.3, 0.6]}", f"num_trials={num_trials}",
-                     "max_concurrent_trials=2", "base.epochs=2", f"finetune.epochs={epochs}", "sampler=random",
+                     "max_concurrent_trials=2", "base.epochs=2", f"finetune.epochs={epochs}", "early_stopping.type=none", "checkpoint_period_s=0", "sampler=random",
                      f"address={cluster.address}", "name=clusterdriver", f"tracking_uri={tracking_uri}",
                      f"storage_path={storage}"]
         with open(tmp_path / "run.log", "wb") as log:

@@ -184,7 +184,9 @@ class _Trial:
                 self.prune()
         accuracy, val_loss = evaluate(self.model, self.val_loader, device=self.device)
         self.state["epoch"] = epoch + 1
-        metrics = {"epoch": epoch + 1, "stage": stage, "loss": stats.loss, "train_accuracy": stats.accuracy,
+        # ``finetune_epoch``: epochs after the cut (0 in the phase), what early-stopping rungs count.
+        metrics = {"epoch": epoch + 1, "stage": stage, "finetune_epoch": max(0, epoch + 1 - plan.phase_epochs),
+                   "loss": stats.loss, "train_accuracy": stats.accuracy,
                    "accuracy": accuracy, "val_loss": val_loss, **self._cost_metrics(),
                    "params": count_params(self.model), "epoch_seconds": stats.seconds}
         if metrics.get("removed_nothing") and epoch + 1 == max(plan.phase_epochs, 1):  # the first pruned epoch
@@ -212,7 +214,7 @@ class _Trial:
         log.warning("%s: %s", self.method_name, exc)
         epoch = self.state["epoch"]
         out = {"epoch": epoch + 1, "stage": _stage(epoch, self.plan), "nonfinite": 1, "failure_reason": str(exc),
-               "accuracy": math.nan, "macs": math.nan}
+               "accuracy": math.nan, "macs": math.nan, "params": math.nan}  # every per-epoch objective
         self.report(out, lambda d: None)
         return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,14 @@ def method_hparams(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return method, {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
 
 
-def trial_fn(config: dict[str, Any], settings: TrialSettings) -> None:
-    """Entry point Tune calls (wrapped with ``tune.with_parameters(trial_fn, settings=...)``)."""
+def trial_fn(config: dict[str, Any], settings: TrialSettings, checkpoint_period_s: float = 0.0) -> None:
+    """Entry point Tune calls (wrapped with ``tune.with_parameters(trial_fn, settings=...)``).
+
+    Every epoch reports its metrics; a checkpoint goes with the report when ``checkpoint_period_s``
+    (0: every epoch) has passed since the trial's last one, and always with its final result (the
+    model MLflow logs). Sub-second epochs would otherwise checkpoint every epoch, and with Tune's
+    ``num_to_keep`` each pair of checkpoints forces an experiment-state snapshot (Ray's "snapshotting
+    has been triggered multiple times" warning)."""
     method, hparams = method_hparams(config)
     # Ray starts workers with a thread count of its own choosing; use the CPUs this trial holds.
     import torch
@@ -38,7 +45,14 @@ def trial_fn(config: dict[str, Any], settings: TrialSettings) -> None:
     cpus = int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1) or 1)
     torch.set_num_threads(max(1, cpus))
 
+    last_saved = [time.monotonic()]
+
     def report(metrics: dict[str, Any], save) -> None:
+        now = time.monotonic()
+        if not ("test_accuracy" in metrics or now - last_saved[0] >= checkpoint_period_s):
+            tune.report(metrics)
+            return
+        last_saved[0] = now
         with tempfile.TemporaryDirectory(prefix="prunetune-ckpt-") as tmp:
             save(Path(tmp))
             has_files = any(Path(tmp).iterdir())

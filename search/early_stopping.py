@@ -1,0 +1,172 @@
+"""Multi-objective early stopping: asynchronous successive halving on the sweep's objectives.
+
+Rungs are counted in fine-tune epochs, the epochs after the cut (a trial reports ``stage`` and
+``finetune_epoch`` every epoch; see ``trainables.trial``): ``grace_epochs``, then ``grace_epochs *
+reduction_factor``, ``* reduction_factor**2``, ... When a trial reaches a rung, its objectives
+(those every epoch reports: accuracy, MACs, params; the latency ratio is measured only at the end)
+are recorded there and compared with every trial recorded at that rung so far, itself included:
+
+1. order them by non-dominated rank (``search.pareto.ranks``), ties broken by exclusive
+   hypervolume contribution within the rank's layer, larger first (reference from
+   ``search.objectives``: zero accuracy, 1.1 x the largest MACs / params at the rung);
+2. the trial is stopped when its place falls in the worst ``floor(n * (1 - 1 / reduction_factor))``
+   of the ``n`` (so the first trial at a rung always continues, as in ASHA).
+
+A trial's final result (it carries ``test_accuracy``) is never stopped. A stopped trial ends with
+Tune's STOP: the searcher tells Optuna PRUNED (its last result has no ``test_accuracy``) and
+:class:`StoppedTrialRecorder` marks its MLflow run KILLED with ``prunetune.stopped_at_rung`` (1 for
+the first rung) and ``prunetune.stopped_at_epoch`` (fine-tune epochs done), so it never reaches a front.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ray.tune.callback import Callback
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from . import objectives as _obj
+from .pareto import contributions, ranks
+
+__all__ = ["MultiObjectiveHalving", "StoppedTrialRecorder", "rung_order", "stopped_at_rung", "milestones",
+           "STOPPED_RUNG_TAG", "STOPPED_EPOCH_TAG"]
+
+log = logging.getLogger(__name__)
+STOPPED_RUNG_TAG = "prunetune.stopped_at_rung"
+STOPPED_EPOCH_TAG = "prunetune.stopped_at_epoch"
+FINAL_KEY = "test_accuracy"
+
+
+def milestones(grace_epochs: int, reduction_factor: float, limit: int = 10_000) -> list[int]:
+    """Fine-tune epochs at which the rungs lie: grace, grace * rf, grace * rf^2, ... (rounded up,
+    strictly increasing) up to ``limit``."""
+    out, value = [], float(grace_epochs)
+    while value <= limit:
+        rung = math.ceil(value - 1e-9)
+        if not out or rung > out[-1]:
+            out.append(rung)
+        value *= reduction_factor
+    return out
+
+
+def rung_order(points: Sequence[Sequence[float]], directions: Sequence[str],
+               reference: Sequence[float]) -> list[int]:
+    """Indices of ``points`` from best to worst: non-dominated rank, then hypervolume contribution
+    within the rank (larger first), then arrival (the index). One objective: its value."""
+    n = len(points)
+    if len(directions) == 1:
+        sign = -1.0 if directions[0] == "max" else 1.0
+        return sorted(range(n), key=lambda i: (sign * points[i][0], i))
+    rank = ranks(points, directions)
+    contribution = [0.0] * n
+    for r in set(rank):
+        layer = [i for i in range(n) if rank[i] == r]
+        for i, c in zip(layer, contributions([points[i] for i in layer], reference, directions)):
+            contribution[i] = c
+    return sorted(range(n), key=lambda i: (rank[i] if rank[i] >= 0 else math.inf, -contribution[i], i))
+
+
+def stopped_at_rung(points: Sequence[Sequence[float]], index: int, directions: Sequence[str],
+                    reference: Sequence[float], reduction_factor: float) -> bool:
+    """Whether ``points[index]`` falls in the worst ``floor(n (1 - 1/rf))`` of the rung's ``n`` points."""
+    n = len(points)
+    worst = math.floor(n * (1.0 - 1.0 / reduction_factor) + 1e-9)
+    return rung_order(points, directions, reference).index(index) >= n - worst
+
+
+@dataclass
+class _Rung:
+    epoch: int
+    results: dict[str, tuple[float, ...]] = field(default_factory=dict)  # trial id -> objectives, in arrival order
+
+
+class MultiObjectiveHalving(FIFOScheduler):
+    """The scheduler (module docstring). ``objectives`` are the sweep's names (``search.objectives``)."""
+
+    def __init__(self, objectives: Sequence[str], grace_epochs: int = 1, reduction_factor: float = 2):
+        super().__init__()
+        self.names = tuple(n for n in objectives if _obj.get(n).every_epoch)
+        if not self.names:
+            raise ValueError(f"early stopping needs an objective every epoch reports, got {list(objectives)}")
+        self.grace_epochs = int(grace_epochs)
+        self.reduction_factor = float(reduction_factor)
+        self.rungs = [_Rung(m) for m in milestones(self.grace_epochs, self.reduction_factor)]
+        self.stopped: dict[str, tuple[int, int]] = {}  # trial id -> (rung number from 1, fine-tune epochs)
+        self._first_finetune: dict[str, int] = {}
+
+    def _finetune_epoch(self, trial_id: str, result: dict[str, Any]) -> int | None:
+        if result.get("stage") != "finetune":
+            return None
+        if isinstance(result.get("finetune_epoch"), (int, float)):
+            return int(result["finetune_epoch"])
+        epoch = int(result.get("epoch", 0))  # older trainables: count from the first fine-tune epoch seen
+        return epoch - self._first_finetune.setdefault(trial_id, epoch) + 1
+
+    def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
+        return self.decide(trial.trial_id, result)
+
+    def decide(self, trial_id: str, result: dict[str, Any]) -> str:
+        """CONTINUE or STOP for one reported result (the scheduler's whole logic, without Tune)."""
+        ft = self._finetune_epoch(trial_id, result)
+        if ft is None or FINAL_KEY in result or result.get("nonfinite"):
+            return TrialScheduler.CONTINUE
+        for number, rung in enumerate(self.rungs, start=1):
+            if rung.epoch != ft or trial_id in rung.results:
+                continue
+            values = tuple(float(result.get(_obj.get(n).metric, math.nan)) for n in self.names)
+            if not all(math.isfinite(v) for v in values):
+                return TrialScheduler.CONTINUE
+            rung.results[trial_id] = values
+            ids = list(rung.results)
+            points = [rung.results[t] for t in ids]
+            directions = _obj.directions(self.names)
+            reference = _obj.reference(self.names, {}, points)
+            if stopped_at_rung(points, ids.index(trial_id), directions, reference, self.reduction_factor):
+                self.stopped[trial_id] = (number, ft)
+                log.debug("trial %s stopped at rung %d (fine-tune epoch %d): among the worst %d of %d there",
+                         trial_id, number, ft, math.floor(len(ids) * (1 - 1 / self.reduction_factor) + 1e-9),
+                         len(ids))
+                return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+    def debug_string(self) -> str:
+        return (f"Multi-objective successive halving on {', '.join(self.names)}: rungs at fine-tune epochs "
+                f"{[r.epoch for r in self.rungs[:6]]}, {len(self.stopped)} stopped")
+
+
+class StoppedTrialRecorder(Callback):
+    """Marks the MLflow runs of trials the scheduler stopped: status KILLED, tags
+    ``STOPPED_RUNG_TAG`` and ``STOPPED_EPOCH_TAG``. Listed after the MLflow trial logger (which has
+    set the run FINISHED by then)."""
+
+    def __init__(self, tracking_uri: str, parent_run_id: str, scheduler: MultiObjectiveHalving):
+        self.tracking_uri = tracking_uri
+        self.parent_run_id = parent_run_id
+        self.scheduler = scheduler
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        stop = self.scheduler.stopped.get(trial.trial_id)
+        if stop is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        from .tracking import TRIAL_TAG, child_runs
+
+        client = MlflowClient(self.tracking_uri)
+        for run in child_runs(client, self.parent_run_id):
+            if run.data.tags.get(TRIAL_TAG) == trial.trial_id:
+                client.set_tag(run.info.run_id, STOPPED_RUNG_TAG, str(stop[0]))
+                client.set_tag(run.info.run_id, STOPPED_EPOCH_TAG, str(stop[1]))
+                client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def scheduler_and_callbacks(cfg, parent_run_id: str) -> tuple[TrialScheduler | None, list[Callback]]:
+    """The sweep's scheduler (None: Tune's FIFO) and the callbacks it needs, from ``cfg.early_stopping``."""
+    es = cfg.early_stopping
+    if not es.enabled:
+        return None, []
+    scheduler = MultiObjectiveHalving(cfg.objectives, es.grace_epochs, es.reduction_factor)
+    log.info("early stopping: %s", scheduler.debug_string())
+    return scheduler, [StoppedTrialRecorder(cfg.tracking_uri, parent_run_id, scheduler)]

@@ -1,0 +1,172 @@
+"""Multi-objective successive halving: exactly who is stopped on hand-made rung results, and a real
+sweep where the stopped trials are PRUNED in the Optuna study, KILLED in MLflow and off the front."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+from ray.tune.schedulers import TrialScheduler
+
+from methods.errors import ConfigError
+from search.config import load_config
+from search.early_stopping import MultiObjectiveHalving, milestones, rung_order
+
+CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+
+
+def _ft(epoch: int, accuracy: float, macs: float, **extra) -> dict:
+    return {"stage": "finetune", "finetune_epoch": epoch, "epoch": epoch + 2, "accuracy": accuracy, "macs": macs,
+            "params": 1000.0, **extra}
+
+
+def test_milestones():
+    assert milestones(1, 2, 20) == [1, 2, 4, 8, 16]
+    assert milestones(2, 3, 50) == [2, 6, 18]
+    assert milestones(1, 1.5, 6) == [1, 2, 3, 4, 6]  # 1, 1.5, 2.25, 3.375, 5.06: rounded up
+
+
+def test_who_is_stopped_at_a_rung_by_hand():
+    """Rung 1 (fine-tune epoch 1), reduction factor 2: the worst floor(n/2) of the n recorded there.
+    Worked by hand: ranks, then exclusive hypervolume contributions (reference: accuracy 0, 1.1 x the
+    largest MACs at the rung)."""
+    s = MultiObjectiveHalving(["accuracy", "macs"], grace_epochs=1, reduction_factor=2)
+    assert [r.epoch for r in s.rungs[:4]] == [1, 2, 4, 8]
+    decisions = {}
+    for tid, acc, macs in [
+        ("t1", 0.80, 100),   # alone: continues
+        ("t2", 0.70, 100),   # dominated by t1, n=2, worst 1: stopped
+        ("t3", 0.90, 200),   # rank 0 beside t1; t2 is the worst of 3
+        ("t4", 0.85, 150),   # n=4, worst 2; contributions (ref MACs 220): t1 40, t4 2.5, t3 1.0 -> t3, t2 worst
+        ("t5", 0.95, 210),   # n=5, worst 2; ref 231: t1 40, t4 2.5, t5 1.05, t3 0.5 -> t3, t2 worst
+        ("t6", 0.50, 50),    # n=6, worst 3; t6 25, t1 15, t4 2.5, t5 1.05, t3 0.5 -> t5, t3, t2 worst
+        ("t7", 0.60, 300),   # dominated by t2 (rank 2), n=7, worst 3: stopped
+        ("t8", 0.91, 205),   # rank 0 but, ref 330: t6 25, t1 15, t5 4.8, t4 2.5, t3 0.25, t8 0.05: stopped
+    ]:
+        decisions[tid] = s.decide(tid, _ft(1, acc, macs))
+    assert decisions == {"t1": CONTINUE, "t2": STOP, "t3": CONTINUE, "t4": CONTINUE, "t5": CONTINUE,
+                         "t6": CONTINUE, "t7": STOP, "t8": STOP}
+    assert s.stopped == {"t2": (1, 1), "t7": (1, 1), "t8": (1, 1)}
+    rung = s.rungs[0].results
+    assert rung_order(list(rung.values()), ("max", "min"), (0.0, 330.0)) == [5, 0, 4, 3, 2, 7, 1, 6]
+
+    # Rung 2 (fine-tune epoch 2) is a new comparison: the first arrival continues whatever it is.
+    assert s.decide("t1", _ft(2, 0.10, 100)) == CONTINUE
+    assert s.decide("t3", _ft(2, 0.05, 200)) == STOP  # dominated by t1 there
+    # Between rungs, in the phase, a final result, a NaN, or a second report at a rung: never stopped.
+    assert s.decide("t4", _ft(3, 0.0, 10**9)) == CONTINUE
+    assert s.decide("t9", {"stage": "phase", "epoch": 1, "finetune_epoch": 0, "accuracy": 0.0, "macs": 1e9}) == CONTINUE
+    assert s.decide("t9", _ft(1, 0.0, 1e9, test_accuracy=0.0)) == CONTINUE
+    assert s.decide("t10", _ft(1, float("nan"), 1e9)) == CONTINUE
+    assert s.decide("t1", _ft(1, 0.0, 1e9)) == CONTINUE
+    assert set(s.rungs[0].results) == {f"t{i}" for i in range(1, 9)}
+
+
+def test_three_objectives_and_accuracy_only():
+    # Three objectives, rf 3: the worst floor(2n/3). b is dominated by a (same accuracy and MACs,
+    # more params); c is on the front with a (fewer params, less accurate).
+    s = MultiObjectiveHalving(["accuracy", "macs", "params"], grace_epochs=2, reduction_factor=3)
+    assert [r.epoch for r in s.rungs[:3]] == [2, 6, 18]
+    assert s.decide("a", _ft(2, 0.8, 100, params=10.0)) == CONTINUE
+    assert s.decide("b", _ft(2, 0.8, 100, params=20.0)) == STOP      # n=2, worst 1
+    assert s.decide("c", _ft(2, 0.7, 100, params=5.0)) == CONTINUE   # n=3, worst 2: b and ...
+    assert s.decide("d", _ft(2, 0.6, 100, params=30.0)) == STOP      # n=4, worst 2: dominated twice
+    # With the latency ratio (measured only at the end) the rungs compare accuracy alone.
+    lat = MultiObjectiveHalving(["accuracy", "latency_ratio"], grace_epochs=1, reduction_factor=2)
+    assert lat.names == ("accuracy",)
+    assert [lat.decide(t, _ft(1, a, 1.0)) for t, a in [("x", 0.5), ("y", 0.6), ("z", 0.4)]] == [CONTINUE, CONTINUE, STOP]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("early_stopping.type=asha", "early_stopping.type: expected one of none, successive_halving, got 'asha'"),
+    ("early_stopping.grace_epochs=0", "early_stopping.grace_epochs: must be an integer >= 1, got 0"),
+    ("early_stopping.reduction_factor=1", "early_stopping.reduction_factor: must be a number > 1, got 1"),
+    ("early_stopping.rungs=3", "early_stopping: unknown key 'rungs'"),
+])
+def test_bad_early_stopping_config_is_one_line(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/quickstart.yaml", [override])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+# ---- a real sweep ----------------------------------------------------------------------------------------------
+def test_sweep_stops_trials_prunes_them_in_optuna_and_keeps_them_off_the_front(ray_local, tmp_path, capfd, caplog):
+    """`prunetune run`: 4 trials, 2 fine-tune epochs, a rung after the first with reduction factor 4
+    (the worst floor(3n/4) stop): later arrivals stop unless they are the best so far. With a MACs
+    budget (max_macs_fraction 0.5): prune_ratio is sampled in [0.5, 0.8] only, every trial carries
+    its constraint in Optuna, and each finished one is tagged feasible exactly when it is. The
+    output: one progress line per trial, no Tune tables, no snapshot warnings."""
+    import logging
+    import re
+    from pathlib import Path
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from ray.tune.search import Searcher
+
+    from search.cli import main
+    from search.early_stopping import STOPPED_EPOCH_TAG, STOPPED_RUNG_TAG
+    from search.searcher import ParetoOptunaSearch
+    from search.tracking import TRIAL_TAG, child_runs
+
+    overrides = [
+        "methods=[l1_norm, random]", "num_trials=4", "max_concurrent_trials=2", "base.epochs=2",
+        "finetune.epochs=2", "space.prune_ratio=[0.2, 0.8]", "sampler=random", "name=es",
+        "early_stopping={type: successive_halving, grace_epochs: 1, reduction_factor: 4}",
+        "constraints.max_macs_fraction=0.5",
+        f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"storage_path={tmp_path}/ray_results"]
+    caplog.set_level(logging.INFO, logger="search.progress")
+    assert main(["run", "configs/quickstart.yaml", *[a for o in overrides for a in ("--set", o)]]) == 0
+    out, err = capfd.readouterr()
+    exp_dir = Path(re.search(r"^sweep directory: (.+)$", out, re.M).group(1))
+    finished, stopped_count = map(int, re.search(r"trials finished: (\d+), stopped early: (\d+)", out).groups())
+    cfg = load_config("configs/quickstart.yaml", overrides)
+
+    searcher = ParetoOptunaSearch.__new__(ParetoOptunaSearch)
+    Searcher.restore_from_dir(searcher, str(exp_dir))
+    states = {tid: searcher._ot_study.trials[t.number].state for tid, t in searcher._ot_trials.items()}
+    assert len(states) == 4
+    client = MlflowClient(cfg.tracking_uri)
+    parent_run_id = re.search(r"^MLflow parent run: (\w+)$", out, re.M).group(1)
+    runs = {r.data.tags[TRIAL_TAG]: r for r in child_runs(client, parent_run_id)}
+    assert set(runs) == set(states)
+    pruned = {tid for tid, st in states.items() if st == optuna.trial.TrialState.PRUNED}
+    complete = {tid for tid, st in states.items() if st == optuna.trial.TrialState.COMPLETE}
+    assert pruned and complete and pruned | complete == set(states)
+    assert (finished, stopped_count) == (len(complete), len(pruned))
+    for tid in pruned:
+        run = runs[tid]
+        assert run.info.status == "KILLED"
+        assert (run.data.tags[STOPPED_RUNG_TAG], run.data.tags[STOPPED_EPOCH_TAG]) == ("1", "1")
+        assert run.data.tags.get("pareto") != "true" and "test_accuracy" not in run.data.metrics
+    for tid in complete:
+        assert runs[tid].info.status == "FINISHED" and STOPPED_RUNG_TAG not in runs[tid].data.tags
+    with open(exp_dir / "front" / "pareto_front.csv") as f:
+        front_ids = {row["run_id"] for row in csv.DictReader(f)}
+    assert front_ids and front_ids <= {runs[t].info.run_id for t in complete}
+    assert front_ids == {r.info.run_id for r in runs.values() if r.data.tags.get("pareto") == "true"}
+
+    # The budget: narrowed space, constraint values in the study, feasibility tags from the metrics.
+    dense = client.get_run(parent_run_id).data.metrics["dense_macs"]
+    for tid, ot in searcher._ot_trials.items():
+        frozen = searcher._ot_study.trials[ot.number]
+        method = frozen.params.get("method", "l1_norm")
+        assert frozen.params[f"{method}.prune_ratio"] >= 0.5
+        assert set(frozen.constraints) == {"max_macs_fraction"}
+        m = runs[tid].data.metrics
+        assert frozen.constraints["max_macs_fraction"] == pytest.approx(m["macs"] / dense - 0.5, abs=1e-9)
+    for tid in complete:
+        m = runs[tid].data.metrics
+        assert m["dense_macs"] == dense
+        want = "true" if m["macs"] / dense <= 0.5 + 1e-12 else "false"
+        assert runs[tid].data.tags["prunetune.feasible"] == want
+
+    # The output: one line per trial, each with the sweep's progress; no Tune tables or snapshot warnings.
+    lines = [r.getMessage() for r in caplog.records if r.name == "search.progress"]
+    assert len(lines) == 4 and all(re.match(r"\[\d/4 done, [0-2] running\] trial \w+ \((l1_norm|random)\) ", ln)
+                                   for ln in lines)
+    assert sorted(int(ln[1]) for ln in lines) == [1, 2, 3, 4]
+    for tid in pruned:
+        assert sum(f"trial {tid} " in ln and "stopped at rung 1 (fine-tune epoch 1)" in ln for ln in lines) == 1
+    for tid in complete:
+        assert sum(f"trial {tid} " in ln and " finished: " in ln for ln in lines) == 1
+    assert "╭" not in out + err and "Trial status" not in out + err and "snapshotting" not in out + err
