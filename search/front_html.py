@@ -20,7 +20,7 @@ from typing import Sequence
 from mlflow.tracking import MlflowClient
 
 from .config import COST_METRICS, check_objective
-from .tracking import SWEEP_TAG, child_runs
+from .tracking import FEASIBLE_TAG, SWEEP_TAG, VIOLATED_TAG, child_runs
 
 __all__ = ["TrialRecord", "SeriesSpec", "sweep_trials", "figure", "write_html", "earlier_sweeps", "front_ids",
            "dense_point", "sweep_figure", "COLOURS", "HTML_NAME"]
@@ -38,7 +38,7 @@ APART = {"FAILED": "failed", "KILLED": "stopped", "RUNNING": "stopped", "SCHEDUL
 @dataclass(frozen=True)
 class TrialRecord:
     """One trial run as the plot shows it. ``status``: finished, failed, stopped or infeasible
-    (finished without both objectives, or its cut removed nothing)."""
+    (finished without both objectives, its cut removed nothing, or outside the sweep's constraints)."""
 
     run_id: str
     run_name: str
@@ -77,6 +77,8 @@ def _status(run, objective: str) -> tuple[str, str]:
         return "infeasible", f"no {COST_METRICS[objective]} or accuracy recorded"
     if m.get("removed_nothing", 0.0) >= 1.0:
         return "infeasible", "the cut removed nothing (dense MACs)"
+    if run.data.tags.get(FEASIBLE_TAG) == "false":
+        return "infeasible", f"outside the sweep's constraints ({run.data.tags.get(VIOLATED_TAG, '?')})"
     return "finished", ""
 
 
@@ -230,7 +232,7 @@ def front_ids(client: MlflowClient, parent_run_id: str, objective: str) -> list[
     from .fronts import DIRECTIONS, sweep_points
     from .pareto import front
 
-    points = sweep_points(client, parent_run_id, objective)
+    points = sweep_points(client, parent_run_id, objective, feasible_only=True)
     idx = front([p.objectives for p in points], DIRECTIONS) if points else []
     return [points[i].run_id for i in sorted(idx, key=lambda i: (points[i].cost, -points[i].accuracy))]
 

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from . import objectives as _obj
 from .pareto import front, hypervolume
-from .tracking import child_runs
+from .tracking import FEASIBLE_TAG, VIOLATED_TAG, child_runs
 
 __all__ = ["TrialPoint", "sweep_points", "record_front", "write_csv", "plot_fronts", "DIRECTIONS",
            "reference_point", "cost_label", "COST_AXIS", "objective_names", "FEASIBLE_TAG"]
@@ -36,7 +36,6 @@ DIRECTIONS = _obj.directions(_obj.DEFAULT)
 #: The plot's axis of each ``objective`` shorthand's cost.
 COST_AXIS = {k: _obj.get(v[1]).axis for k, v in _obj.SHORTHANDS.items()}
 #: Set to "false" on a trial run outside the sweep's constraints (see ``search.constraints``).
-FEASIBLE_TAG = "prunetune.feasible"
 
 
 def objective_names(objectives: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -184,7 +183,7 @@ def _tag_feasibility(client: MlflowClient, parent_run_id: str, constraints) -> N
             client.set_tag(run.info.run_id, FEASIBLE_TAG, "true" if ok else "false")
             if not ok:
                 values = constraint_values(constraints, run.data.metrics)
-                client.set_tag(run.info.run_id, "prunetune.violated", ", ".join(
+                client.set_tag(run.info.run_id, VIOLATED_TAG, ", ".join(
                     name for name, v in zip(constraints.active, values) if v > 1e-12))
 
 

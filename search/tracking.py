@@ -41,6 +41,9 @@ __all__ = ["MLflowTrialLogger", "open_parent_run", "child_runs", "open_client", 
 
 log = logging.getLogger(__name__)
 TRIAL_TAG, PARENT_TAG, SWEEP_TAG = "prunetune.trial_id", "mlflow.parentRunId", "prunetune.sweep"
+#: Set on every finished trial of a sweep with constraints: "true" inside them, "false" outside
+#: (then VIOLATED_TAG names the broken ones).
+FEASIBLE_TAG, VIOLATED_TAG = "prunetune.feasible", "prunetune.violated"
 LOGGED_METRICS = ("loss", "train_accuracy", "accuracy", "val_loss", "macs", "params", "epoch_seconds",
                   "test_accuracy", "latency_ms", "dense_latency_ms", "latency_ratio", "dense_macs", "macs_reduction",
                   "removed_nothing")

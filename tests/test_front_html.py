@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from search.front_html import (APART_COLOUR, FADED_COLOUR, HTML_NAME, SeriesSpec, TrialRecord, figure, front_ids,
                                sweep_figure, sweep_trials, write_html)
 from search.pareto import front
-from search.tracking import PARENT_TAG, SWEEP_TAG
+from search.tracking import FEASIBLE_TAG, PARENT_TAG, SWEEP_TAG, VIOLATED_TAG
 from search.ui_links import artifact_url, front_runs_url, look_at_it, run_url
 
 DENSE_MACS = 40e6
@@ -93,9 +93,9 @@ def test_overlay_series_have_one_colour_each_and_latency_axis():
 def _sweep(client, exp_id, name, start, trials, objective="macs"):
     parent = client.create_run(exp_id, run_name=name, start_time=start, tags={SWEEP_TAG: "true"}).info.run_id
     client.log_batch(parent, metrics=[Metric("base_accuracy", 0.97, 0, 0)], params=[Param("objective", objective)])
-    for i, (method, status, metrics) in enumerate(trials):
+    for i, (method, status, metrics, *tags) in enumerate(trials):
         rid = client.create_run(exp_id, run_name=f"{method}-{name[-1]}{i:07d}", start_time=start + i + 1,
-                                tags={PARENT_TAG: parent, "method": method}).info.run_id
+                                tags={PARENT_TAG: parent, "method": method, **(tags[0] if tags else {})}).info.run_id
         client.log_batch(rid, metrics=[Metric(k, v, 0, 1) for k, v in metrics.items()],
                          params=[Param("method", method), Param("prune_ratio", str(0.1 * (i + 1)))],
                          tags=[RunTag("failure_reason", "RuntimeError: out of memory")] if status == "FAILED" else [])
@@ -122,7 +122,8 @@ def store(tmp_path_factory):
         ("l1_norm", "FINISHED", _m(0.85, 12e6)), ("slimming", "FINISHED", _m(0.95, 20e6)),
         ("l1_norm", "FAILED", {"accuracy": 0.2}), ("slimming", "KILLED", _m(0.5, 8e6)),
         ("l1_norm", "FINISHED", {"accuracy": 0.9}),                          # no MACs: infeasible
-        ("slimming", "FINISHED", _m(0.96, DENSE_MACS, removed_nothing=1.0))])  # cut nothing: infeasible
+        ("slimming", "FINISHED", _m(0.96, DENSE_MACS, removed_nothing=1.0)),  # cut nothing: infeasible
+        ("l1_norm", "FINISHED", _m(0.97, 2e6), {FEASIBLE_TAG: "false", VIOLATED_TAG: "min_accuracy"})])
     return client, exp_id, first, other, second
 
 
@@ -132,12 +133,14 @@ def test_sweep_figure_from_mlflow_records(store, tmp_path):
     assert {n: t.status for n, t in trials.items()} == {
         "l1_norm-20000000": "finished", "slimming-20000001": "finished", "l1_norm-20000002": "finished",
         "slimming-20000003": "finished", "l1_norm-20000004": "failed", "slimming-20000005": "stopped",
-        "l1_norm-20000006": "infeasible", "slimming-20000007": "infeasible"}
+        "l1_norm-20000006": "infeasible", "slimming-20000007": "infeasible", "l1_norm-20000008": "infeasible"}
+    assert "min_accuracy" in trials["l1_norm-20000008"].reason  # outside the budgets: shown apart, never on the front
     assert trials["l1_norm-20000004"].reason == "RuntimeError: out of memory"
     assert trials["slimming-20000001"].params == (("prune_ratio", "0.2"),)
 
     ids = front_ids(client, second, "macs")
     points = [(t.accuracy, t.macs) for t in trials.values() if t.status == "finished" or t.run_name.endswith("7")]
+    assert trials["l1_norm-20000008"].run_id not in front_ids(client, second, "macs")
     assert len(ids) == len(front(points, ("max", "min")))
     fig = sweep_figure(client, second, "macs", DENSE_MACS, ids)
 
