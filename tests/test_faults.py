@@ -66,6 +66,15 @@ def _kill_marked(mark: str) -> None:
             pass
 
 
+def _end(driver, mark: str) -> None:
+    """Kill the driver if it still runs, then every process carrying its marker."""
+    if driver.poll() is None:
+        driver.kill()
+        driver.wait()
+    time.sleep(1)
+    _kill_marked(mark)
+
+
 def _wait_running_trial(storage: Path, name: str, driver, timeout: float) -> Path:
     """The sweep dir once Tune's state has a RUNNING trial past its first epoch."""
     deadline = time.monotonic() + timeout
@@ -198,11 +207,7 @@ def test_sigint_then_resume_promote_and_fronts_from_another_directory(ray_local,
         driver.send_signal(signal.SIGINT)
         _, stderr = driver.communicate(timeout=120)
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        time.sleep(1)
-        _kill_marked(mark)
+        _end(driver, mark)
     assert driver.returncode == 130, stderr[-3000:]
     assert stderr.rstrip().splitlines()[-1] == f"interrupted: continue with prunetune resume {exp_dir}"
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -247,11 +252,7 @@ def test_sigterm_then_resume_finishes(ray_local, tmp_path, capfd):
         driver.send_signal(signal.SIGTERM)
         _, stderr = driver.communicate(timeout=120)
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        time.sleep(1)
-        _kill_marked(mark)
+        _end(driver, mark)
     assert driver.returncode == 143, stderr[-3000:]  # not 134 (an abort with a C++ signal dump)
     assert stderr.rstrip().splitlines()[-1] == f"interrupted: continue with prunetune resume {exp_dir}"
     state = json.loads((exp_dir / STATE_FILE).read_text())
