@@ -62,7 +62,7 @@ def _params(run, space) -> tuple[dict[str, Any], dict[str, Any]] | None:
     dists = space.distributions(method)
     params: dict[str, Any] = {}
     for key, dist in dists.items():
-        text = method if key == "method" else params_in.get(key.split(".", 1)[1])
+        text = method if key == "method" else params_in.get(key.split(".", 1)[-1])
         if text is None:
             return None
         try:

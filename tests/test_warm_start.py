@@ -37,7 +37,8 @@ def test_warm_start_trials_inside_the_new_space(tiny_sweep, tmp_path):
         method = run.data.tags["method"]
         assert t.values == [run.data.metrics["accuracy"], run.data.metrics["macs"]]
         assert t.params["method"] == method
-        assert t.params[f"{method}.prune_ratio"] == float(run.data.params["prune_ratio"])
+        # prune_ratio: one Optuna parameter shared by the methods (search.space.shared_names)
+        assert t.params["prune_ratio"] == float(run.data.params["prune_ratio"])
 
     # A narrower space keeps only the trials inside it; the experiment name works like the directory.
     narrow = _cfg(tiny_cfg, tmp_path, f"warm_start=[{tiny_cfg.name}]", "space.prune_ratio=[0.5, 0.8]")
