@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+from .errors import ArgumentError
 
 __all__ = ["Cost", "count_macs", "LatencyResult", "profile", "latency", "latencies", "count_params", "module_macs"]
 
@@ -104,7 +105,7 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"input_shape must be a non-empty sequence of positive ints (no batch dim), got {input_shape!r}")
+        raise ArgumentError(f"input_shape must be a non-empty sequence of positive ints (no batch dim), got {input_shape!r}")
     return shape
 
 
@@ -229,18 +230,18 @@ def latencies(models: Sequence[nn.Module], input_shape: Sequence[int], batch_siz
     """
     shape = _check_shape(input_shape)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
     if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
+        raise ArgumentError(f"warmup must be >= 0, got {warmup}")
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise ArgumentError(f"repeats must be >= 1, got {repeats}")
     if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+        raise ArgumentError(f"rounds must be >= 1, got {rounds}")
     if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+        raise ArgumentError(f"threads must be >= 1, got {threads}")
     models = list(models)
     if not models:
-        raise ValueError("latencies needs at least one model")
+        raise ArgumentError("latencies needs at least one model")
 
     old_threads = torch.get_num_threads()
     if threads is not None:

@@ -44,7 +44,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .base import PHASE_EPOCHS, PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod
-from .errors import PruneTuneError
+from .errors import ArgumentError, PruneTuneError
 from .graph import ChannelGroup, DependencyGraph
 from .hyperparameters import Hyperparameter
 from .layers import ChannelPadShortcut
@@ -328,7 +328,7 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 50) -> l
     """
     n = x.shape[0]
     if not 1 <= k <= n:
-        raise ValueError(f"kmeans: need 1 <= k <= {n} rows, got k={k}")
+        raise ArgumentError(f"kmeans: need 1 <= k <= {n} rows, got k={k}")
     if k == n:
         return list(range(n))
     x = x.double()

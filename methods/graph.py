@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from .errors import SurgeryError
+from .errors import NotFoundError, SurgeryError
 from .layers import ChannelPadShortcut
 
 __all__ = ["ChannelGroup", "DependencyGraph"]
@@ -229,7 +229,7 @@ class DependencyGraph:
         for g in self.groups:
             if producer in g.producers:
                 return g
-        raise KeyError(f"no channel group is produced by {producer!r}")
+        raise NotFoundError(f"no channel group is produced by {producer!r}")
 
     def prunable_groups(self, *, scope: str = "internal") -> list[ChannelGroup]:
         """Groups that may lose channels: the block-internal ones (``scope="internal"``), or every

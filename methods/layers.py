@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from .errors import ArgumentError
 
 __all__ = ["ChannelPadShortcut"]
 
@@ -23,7 +24,7 @@ class ChannelPadShortcut(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 2):
         super().__init__()
         if out_channels < in_channels:
-            raise ValueError(f"out_channels ({out_channels}) must be >= in_channels ({in_channels})")
+            raise ArgumentError(f"out_channels ({out_channels}) must be >= in_channels ({in_channels})")
         pad = (out_channels - in_channels) // 2
         source = torch.full((out_channels,), -1, dtype=torch.long)
         source[pad : pad + in_channels] = torch.arange(in_channels)

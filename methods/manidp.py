@@ -45,7 +45,7 @@ from torch import nn
 
 from .base import PHASE_EPOCHS, PRUNE_RATIO, PruneContext, PruningMethod
 from .cost import _conv2d_macs, _eval_mode, _first_tensor, _linear_macs, count_macs, module_macs
-from .errors import PruneTuneError
+from .errors import ArgumentError, PruneTuneError
 from .hyperparameters import Hyperparameter
 from .manidp_gates import (
     DEFAULT_CLAMP_MAX, DEFAULT_SQUEEZE_RATE, ChannelGate, _is_block, _SkipState, fold_batchnorm, gate_model,
@@ -170,12 +170,12 @@ def average_macs(model: nn.Module, loader_or_batches: Any, input_shape: Sequence
             if max_batches is not None and i >= max_batches:
                 return
             if tuple(x.shape[1:]) != shape:
-                raise ValueError(f"average_macs: batch of shape {tuple(x.shape)} does not match input_shape {shape}")
+                raise ArgumentError(f"average_macs: batch of shape {tuple(x.shape)} does not match input_shape {shape}")
             yield x
 
     total, seen = count_macs(model, checked())
     if seen == 0:
-        raise ValueError("average_macs: no inputs (the loader was empty)")
+        raise ArgumentError("average_macs: no inputs (the loader was empty)")
     return total / seen
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import ArgumentError, NotFoundError, SurgeryError
 
 __all__ = ["ChannelGate", "GatedBlock", "gate_model", "gated_blocks", "named_gates", "set_thresholds", "fold_batchnorm",
            "gating_spec", "apply_gating", "hidden_width", "DEFAULT_CLAMP_MAX", "DEFAULT_SQUEEZE_RATE"]
@@ -222,7 +222,7 @@ class GatedBlock(nn.Module):
         """Batch 1, inference (BN running statistics): gather the active filters of each conv (and
         the matching input slices of the next), compute only those, scatter into the residual."""
         if x.shape[0] != 1:
-            raise ValueError(f"the skipping path runs one sample at a time, got a batch of {x.shape[0]}")
+            raise ArgumentError(f"the skipping path runs one sample at a time, got a batch of {x.shape[0]}")
         h = x                      # the active input channels only
         active_in: torch.Tensor | None = None  # indices of h's channels in the full width (None: all)
         full_in = x.shape[1]
@@ -311,7 +311,7 @@ def set_thresholds(model: nn.Module, thresholds: dict[str, float]) -> None:
     gates = dict(named_gates(model))
     unknown = sorted(set(thresholds) - set(gates))
     if unknown:
-        raise KeyError(f"no gate named {unknown[:3]}...; gates: {sorted(gates)[:3]}...")
+        raise NotFoundError(f"no gate named {unknown[:3]}...; gates: {sorted(gates)[:3]}...")
     for name, value in thresholds.items():
         gates[name].threshold.fill_(float(value))
 

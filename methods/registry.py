@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, TypeVar
 
 from .base import PruningMethod
-from .errors import ConfigError
+from .errors import ArgumentError, ConfigError
 
 __all__ = ["register_method", "create_method", "list_methods", "get_method_class"]
 
@@ -16,7 +16,7 @@ T = TypeVar("T", bound=type[PruningMethod])
 def register_method(name: str) -> Callable[[T], T]:
     def decorate(cls: T) -> T:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+            raise ArgumentError(f"method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

@@ -47,7 +47,7 @@ from torch import nn
 
 from .base import PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod, allocation_hp
 from .budget import keep_top
-from .errors import PruneTuneError
+from .errors import ArgumentError, PruneTuneError
 from .graph import ChannelGroup, DependencyGraph
 from .hyperparameters import Hyperparameter
 from .importance import l1_filter
@@ -235,7 +235,7 @@ def thinet_select(contrib: torch.Tensor, n_keep: int) -> torch.Tensor:
     :func:`removal_order` has not removed after ``C - n_keep`` steps)."""
     C = contrib.shape[1]
     if not 1 <= n_keep <= C:
-        raise ValueError(f"n_keep must be in [1, {C}], got {n_keep}")
+        raise ArgumentError(f"n_keep must be in [1, {C}], got {n_keep}")
     order, _ = removal_order(contrib, C - n_keep)
     keep = torch.ones(C, dtype=torch.bool)
     keep[order] = False

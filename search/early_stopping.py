@@ -27,6 +27,8 @@ from typing import Any, Sequence
 from ray.tune.callback import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from methods.errors import ArgumentError
+
 from . import objectives as _obj
 from .pareto import contributions, ranks
 
@@ -89,7 +91,7 @@ class MultiObjectiveHalving(FIFOScheduler):
         super().__init__()
         self.names = tuple(n for n in objectives if _obj.get(n).every_epoch)
         if not self.names:
-            raise ValueError(f"early stopping needs an objective every epoch reports, got {list(objectives)}")
+            raise ArgumentError(f"early stopping needs an objective every epoch reports, got {list(objectives)}")
         self.grace_epochs = int(grace_epochs)
         self.reduction_factor = float(reduction_factor)
         self.rungs = [_Rung(m) for m in milestones(self.grace_epochs, self.reduction_factor)]

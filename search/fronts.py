@@ -23,6 +23,8 @@ from typing import Mapping, Sequence
 
 from mlflow.tracking import MlflowClient
 
+from methods.errors import ArgumentError
+
 from . import objectives as _obj
 from .pareto import front, hypervolume
 from .tracking import FEASIBLE_TAG, VIOLATED_TAG, child_runs
@@ -44,7 +46,7 @@ def objective_names(objectives: str | Sequence[str] | None) -> tuple[str, ...]:
         return _obj.DEFAULT
     if isinstance(objectives, str):
         if objectives not in _obj.SHORTHANDS:
-            raise ValueError(f"unknown objective {objectives!r}; expected one of {', '.join(_obj.SHORTHANDS)}")
+            raise ArgumentError(f"unknown objective {objectives!r}; expected one of {', '.join(_obj.SHORTHANDS)}")
         return _obj.SHORTHANDS[objectives]
     return _obj.check_names(list(objectives))
 

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from methods.errors import ArgumentError
+
 __all__ = ["front", "ranks", "hypervolume", "contributions", "default_reference"]
 
 _VALID_DIRECTIONS = ("max", "min")
@@ -30,13 +32,13 @@ def _signs(directions: Sequence[str], any_number: bool = False) -> np.ndarray:
     """+1 for a "min" objective, -1 for a "max" one (multiply to get a minimisation problem).
     2 or 3 objectives, or (``any_number``) at least 2."""
     if isinstance(directions, str) or not isinstance(directions, Sequence):
-        raise ValueError(f"directions must be a pair or triple like ('max', 'min'), got {directions!r}")
+        raise ArgumentError(f"directions must be a pair or triple like ('max', 'min'), got {directions!r}")
     if len(directions) < 2 or (len(directions) > 3 and not any_number):
         want = "at least 2" if any_number else "2 or 3"
-        raise ValueError(f"directions must name {want} objectives, got {len(directions)}: {list(directions)!r}")
+        raise ArgumentError(f"directions must name {want} objectives, got {len(directions)}: {list(directions)!r}")
     for i, d in enumerate(directions):
         if d not in _VALID_DIRECTIONS:
-            raise ValueError(f"directions[{i}] must be 'max' or 'min', got {d!r}")
+            raise ArgumentError(f"directions[{i}] must be 'max' or 'min', got {d!r}")
     return np.array([-1.0 if d == "max" else 1.0 for d in directions])
 
 
@@ -45,11 +47,11 @@ def _as_points(points, m: int) -> np.ndarray:
     try:
         arr = np.asarray(points, dtype=float)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"points must be numeric rows, an (N, {m}) array: {exc}") from None
+        raise ArgumentError(f"points must be numeric rows, an (N, {m}) array: {exc}") from None
     if arr.size == 0:
         return np.zeros((0, m))
     if arr.ndim != 2 or arr.shape[1] != m:
-        raise ValueError(f"points must have shape (N, {m}) (one column per objective), got shape {arr.shape}")
+        raise ArgumentError(f"points must have shape (N, {m}) (one column per objective), got shape {arr.shape}")
     return arr
 
 
@@ -132,9 +134,9 @@ def _prepared(points, reference, directions) -> tuple[np.ndarray, np.ndarray]:
     arr = _as_points(points, m)
     ref = np.asarray(reference, dtype=float) if not isinstance(reference, str) else None
     if ref is None or ref.shape != (m,):
-        raise ValueError(f"reference must be {m} numbers (one per objective), got {reference!r}")
+        raise ArgumentError(f"reference must be {m} numbers (one per objective), got {reference!r}")
     if not np.isfinite(ref).all():
-        raise ValueError(f"reference must be finite, got {list(ref)!r}")
+        raise ArgumentError(f"reference must be finite, got {list(ref)!r}")
     ref = ref * signs
     arr = np.where(np.isfinite(arr).all(axis=1, keepdims=True), arr * signs, np.inf)
     return arr, ref
@@ -190,7 +192,7 @@ def default_reference(points, directions: Sequence[str]) -> tuple[float, ...]:
     arr = _as_points(points, len(signs))
     arr = arr[np.isfinite(arr).all(axis=1)]
     if len(arr) == 0:
-        raise ValueError("default_reference needs at least one point with finite coordinates")
+        raise ArgumentError("default_reference needs at least one point with finite coordinates")
     ref = []
     for col, sign in zip(arr.T, signs):
         lo, hi = float(col.min()), float(col.max())

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
-from methods.errors import ConfigError, PruneTuneError
+from methods.errors import ConfigError, MissingFileError, PruneTuneError
 
 from .compare import DEFAULT_TRACKING_URI, SweepRef, resolve_sweeps
 from .fronts import FEASIBLE_TAG, TrialPoint, front_of, sweep_points
@@ -320,7 +320,7 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
         try:
             local = client.download_artifacts(pick.run_id, "model", tmp)
         except Exception as exc:  # noqa: BLE001  (MlflowException / OSError: no such artifact)
-            raise FileNotFoundError(f"run {pick.run_id} has no model artifacts to promote ({exc})") from None
+            raise MissingFileError(f"run {pick.run_id} has no model artifacts to promote ({exc})") from None
         model, _spec = load_model(local)
     reevaluated, data = _reevaluate(model, data_settings)
     recorded = pick.test_accuracy

@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
+from methods.errors import ConfigError
+
 from . import objectives as _objectives
 from .constraints import ConstraintsConfig, constraint_values
 
@@ -57,7 +59,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"sampler: unknown sampler {name!r}; valid: tpe, nsga2, random")
+    raise ConfigError(f"sampler: unknown sampler {name!r}; valid: tpe, nsga2, random")
 
 
 class ParetoOptunaSearch(OptunaSearch):

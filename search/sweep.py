@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from methods.errors import ConfigError, PruneTuneError
+from methods.errors import ConfigError, MissingFileError, PruneTuneError
 from trainables import storage
 
 from .config import SweepConfig, config_from_dict
@@ -332,7 +332,7 @@ def resume_sweep(experiment_dir: str | os.PathLike) -> SweepResult:
     try:
         text = storage.read_text(state_path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{experiment_dir} is not a prunetune sweep directory ({STATE_FILE} missing)") from None
+        raise MissingFileError(f"{experiment_dir} is not a prunetune sweep directory ({STATE_FILE} missing)") from None
     except (OSError, ValueError) as exc:  # unreachable object store, bad credentials, unknown URI scheme
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"experiment_dir: cannot read {state_path} ({first})") from None

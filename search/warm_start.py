@@ -21,7 +21,7 @@ import logging
 import math
 from typing import Any
 
-from methods.errors import ConfigError
+from methods.errors import ArgumentError, ConfigError
 
 from . import objectives as _obj
 from .constraints import constraint_values
@@ -46,10 +46,10 @@ def _value(dist, text: str) -> Any:
         for choice in dist.choices:
             if str(choice) == text:
                 return choice
-        raise ValueError(text)
+        raise ArgumentError(text)
     value = int(text) if isinstance(dist, IntDistribution) else float(text)
     if not dist.low <= value <= dist.high:
-        raise ValueError(text)
+        raise ArgumentError(text)
     return value
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from methods.errors import MissingFileError
+
 from . import storage
 from .device_data import trial_loader
 from .model_io import model_spec, save_model
@@ -122,7 +124,7 @@ def fetch_base_model(settings: TrialSettings, cache_root: str | os.PathLike | No
     try:
         marker = storage.read_text(storage.join(target, METRICS))
     except FileNotFoundError:
-        raise FileNotFoundError(f"dense base model {target} is not on the shared storage "
+        raise MissingFileError(f"dense base model {target} is not on the shared storage "
                                 f"({METRICS} missing): train it with ensure_base_model first") from None
     version = hashlib.sha256(f"{target}\n{marker}".encode()).hexdigest()[:12]
     cache = Path(cache_root or tempfile.gettempdir()) / CACHE_DIR / f"{settings.base_key()}-{version}"

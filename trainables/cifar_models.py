@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from methods.layers import ChannelPadShortcut
+from methods.errors import ArgumentError
 
 __all__ = ["CifarResNet", "BasicBlock", "VGGCifar", "scaled"]
 
@@ -42,7 +43,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0):
         super().__init__()
         if (depth - 2) % 6 != 0:
-            raise ValueError(f"depth must be 6n+2, got {depth}")
+            raise ArgumentError(f"depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         widths = [scaled(w, width_mult) for w in (16, 32, 64)]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)

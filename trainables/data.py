@@ -59,6 +59,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from methods.errors import ArgumentError, PruneTuneError
+
 __all__ = ["DataError", "DataSplits", "load", "list_datasets", "make_loader"]
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ _DIGITS_TEST_FRACTION = 0.2
 _DEFAULT_VAL_FRACTION = {"digits": 0.25, "cifar10": 0.1, "cifar100": 0.1, "imagefolder": 0.1}
 
 
-class DataError(ValueError):
+class DataError(PruneTuneError, ValueError):
     """A data set cannot be loaded as asked: bad name or field, missing or corrupt files."""
 
 
@@ -172,7 +174,7 @@ class TensorImageDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         if images.ndim != 4 or targets.ndim != 1 or len(images) != len(targets):
-            raise ValueError(f"images must be (N,C,H,W) and targets (N,), got {tuple(images.shape)} and {tuple(targets.shape)}")
+            raise ArgumentError(f"images must be (N,C,H,W) and targets (N,), got {tuple(images.shape)} and {tuple(targets.shape)}")
         self.images = images
         self.targets = targets
 

@@ -13,6 +13,8 @@ from torch import nn
 from methods.manidp_gates import apply_gating, gating_spec
 from methods.spec import apply_architecture, architecture_spec
 
+from methods.errors import MissingFileError
+
 from .models import create_model
 
 __all__ = ["save_model", "load_model", "model_spec"]
@@ -44,7 +46,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     directory = Path(directory)
     for f in (WEIGHTS, SPEC):
         if not (directory / f).is_file():
-            raise FileNotFoundError(f"not a saved prunetune model: {directory / f} is missing")
+            raise MissingFileError(f"not a saved prunetune model: {directory / f} is missing")
     spec = json.loads((directory / SPEC).read_text())
     kwargs = {k: v for k, v in spec["kwargs"].items() if k != "weights"}
     model = create_model(spec["model"], spec["num_classes"], **kwargs)

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from methods.errors import ArgumentError, MissingFileError
+
 from .cifar_models import CifarResNet, VGGCifar
 
 __all__ = ["create_model", "list_models", "default_input_size"]
@@ -83,16 +85,16 @@ def create_model(name: str, num_classes: int = 10, *, in_channels: int = 3, widt
                  weights: str | Path | None = None) -> nn.Module:
     """Build a model by name. Unknown names raise ``ValueError`` listing the valid ones."""
     if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
+        raise ArgumentError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ArgumentError(f"num_classes must be >= 1, got {num_classes}")
     if width_mult <= 0:
-        raise ValueError(f"width_mult must be > 0, got {width_mult}")
+        raise ArgumentError(f"width_mult must be > 0, got {width_mult}")
     model = _BUILDERS[name](num_classes, in_channels=in_channels, width_mult=width_mult)
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
-            raise FileNotFoundError(f"weights file not found: {path}")
+            raise MissingFileError(f"weights file not found: {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         log.info("loaded weights for %s from %s", name, path)

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
+from methods.errors import MissingFileError
+
 __all__ = ["is_uri", "resolve", "local_path", "join", "name", "exists", "is_file", "read_text", "write_text",
            "upload_dir", "download_dir", "delete", "forwarded_env", "FORWARDED_ENV"]
 
@@ -92,10 +94,10 @@ def read_text(location: str | os.PathLike) -> str:
         with fs.open_input_stream(path) as f:
             return f.read().decode()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{location} does not exist") from None
+        raise MissingFileError(f"{location} does not exist") from None
     except OSError:
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"{location} does not exist") from None
+            raise MissingFileError(f"{location} does not exist") from None
         raise
 
 
@@ -123,7 +125,7 @@ def download_dir(location: str | os.PathLike, local_dir: str | os.PathLike) -> N
     """Copy every file under ``location`` into ``local_dir`` (created)."""
     fs, path = resolve(location)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{location} does not exist")
+        raise MissingFileError(f"{location} does not exist")
     Path(local_dir).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(Path(local_dir).resolve()), source_filesystem=fs, destination_filesystem=_LOCAL)
 
