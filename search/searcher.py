@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from typing import Any, Callable, Sequence
 
 import optuna
@@ -47,14 +46,15 @@ def objectives(objective: str = "macs") -> list[str]:
     return _objectives.metrics(_objectives.SHORTHANDS[objective])
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """The sampler. Budgets reach TPE and NSGA-II through each trial's constraint values (see
-    ``ParetoOptunaSearch``): Optuna 5 reads ``FrozenTrial.constraints`` whenever a trial has any,
-    and deprecates ``constraints_func`` in favour of ``Trial.set_constraint``."""
+def make_sampler(name: str, seed: int, methods: Sequence[str] = ()) -> optuna.samplers.BaseSampler:
+    """The sampler. TPE starts from a design (``search.sampler``: every method once, the MACs axis
+    spread evenly) before it models the trials. Budgets reach TPE and NSGA-II through each trial's
+    constraint values (see ``ParetoOptunaSearch``): Optuna 5 reads ``FrozenTrial.constraints``
+    whenever a trial has any, and deprecates ``constraints_func`` in favour of ``Trial.set_constraint``."""
     if name == "tpe":
-        with warnings.catch_warnings():  # `group` is marked experimental; we rely on it knowingly
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8)
+        from .sampler import DesignedStartTPE
+
+        return DesignedStartTPE(methods, seed=seed, multivariate=True, group=True)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "random":
