@@ -34,8 +34,8 @@ How the numbers are kept reproducible on a shared machine:
 * Threads: ``torch.set_num_threads(--threads)`` (default 1, as a trial gets with one CPU), and
   ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` the same in the child's environment. This is what
   controls the capture figure: with 2 threads on a 2-core machine that other jobs also use,
-  OpenMP's threads spin at every barrier waiting for a descheduled partner and the capture of
-  part ``resnet56`` took 12-15x longer (CPU and wall) than with 1 thread in this session.
+  OpenMP's threads spin at every barrier waiting for a descheduled partner: the capture of part
+  ``resnet56`` took 16x the CPU time and 12-32x the wall time of 1 thread in this session.
 * Clocks: the process's CPU time (``time.process_time``: the work done, barely affected by other
   jobs at 1 thread) and wall time; min / median / max over ``--repeats``.
 * Allocator: the script re-runs itself in a child process whose environment fixes glibc's

@@ -387,7 +387,8 @@ class ThiNet(PruningMethod):
         PRUNE_RATIO,
         Hyperparameter("samples_per_layer", 512, 64, 4096, kind="int",
                        doc="sampled (image, position, filter) outputs of the next layer per pruned layer"),
-        Hyperparameter("finetune_steps", 20, 0, 500, kind="int", doc="fine-tune steps after each pruned layer but the last (the trial's fine-tune follows it)"),
+        Hyperparameter("finetune_steps", 20, 0, 500, kind="int",
+                       doc="fine-tune steps after each pruned layer but the last (the trial's fine-tune follows it)"),
         SCOPE, allocation_hp("uniform"), ROUND_TO,
     )
 

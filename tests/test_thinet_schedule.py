@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 import methods.thinet as thinet
 from methods import DependencyGraph, PruneContext, create_method
+from methods.budget import keep_top
 from methods.importance import l1_filter
 from methods.layers import ChannelPadShortcut
 from methods.selection import plan_widths
-from methods.budget import keep_top
 from methods.surgery import prune_group
 from methods.thinet import calibration_inputs, least_squares_scale, sample_contributions
 from trainables.models import create_model
