@@ -14,8 +14,9 @@ batches run through the model). The contribution of input channel ``c`` to sampl
    running sum ``r``, so each greedy step is one O(C) vector update (no pass over the samples);
 2. rescaling (:func:`least_squares_scale`): ``w = argmin || yhat - xhat_S w ||^2`` over the kept set
    ``S`` (``torch.linalg.lstsq``), multiplied into the kept input slices of layer i+1 by the surgery;
-3. schedule: groups are pruned one at a time from the input side, each followed by
-   ``context.finetune(model, finetune_steps)``; the trial's normal fine-tune is the final one.
+3. schedule: groups are pruned one at a time from the input side, each but the last followed by
+   ``context.finetune(model, finetune_steps)`` (a recovery before the next layer is sampled); the
+   trial's normal fine-tune is the final one.
 
 Which groups: with ``scope: internal`` (the paper's) the block-internal ones: in a basic-block
 ResNet each block's conv1 output, judged by conv2's reconstruction; in VGG every conv. With
@@ -386,9 +387,16 @@ class ThiNet(PruningMethod):
         PRUNE_RATIO,
         Hyperparameter("samples_per_layer", 512, 64, 4096, kind="int",
                        doc="sampled (image, position, filter) outputs of the next layer per pruned layer"),
-        Hyperparameter("finetune_steps", 20, 0, 500, kind="int", doc="fine-tune steps after each pruned layer"),
+        Hyperparameter("finetune_steps", 20, 0, 500, kind="int",
+                       doc="fine-tune steps after each pruned layer but the last (the trial's fine-tune follows it)"),
         SCOPE, allocation_hp("uniform"), ROUND_TO,
     )
+
+    #: Also run the ``finetune_steps`` recovery after the LAST cut (before issue 12's ThiNet work it
+    #: did). Off: nothing samples the model after it and the trial's own fine-tune starts right away;
+    #: every selection and rescaled weight is the same either way (benchmarks/bench_thinet_selection.py
+    #: times both).
+    recover_after_last = False
 
     def __init__(self, **hparams):
         super().__init__(**hparams)
@@ -414,12 +422,12 @@ class ThiNet(PruningMethod):
                   if self.hparams["allocation"] == "global" else None)
         plan = plan_widths(model, graph, groups, context, self.hparams, scores, owner=self.name, normalise=False)
         self.layer_report = []
-        for group, n_keep in zip(groups, plan.kept):  # graph order: from the input side
-            if n_keep == group.size:
-                continue
+        cuts = [(g, k) for g, k in zip(groups, plan.kept) if k < g.size]  # graph order: from the input side
+        for i, (group, n_keep) in enumerate(cuts):
             stats = prune_layer(graph, group, n_keep, inputs, samples, generator)
             if stats:
                 self.layer_report.append(stats)
-            if steps and context.finetune is not None:
+            # A recovery serves the next layer's sampling; after the last cut the trial's own fine-tune follows.
+            if steps and context.finetune is not None and (i + 1 < len(cuts) or self.recover_after_last):
                 context.finetune(model, steps)
         return model

@@ -191,7 +191,8 @@ def test_schedule_finetunes_after_each_layer(trained):
     method = create_method("thinet", prune_ratio=0.5, finetune_steps=7, samples_per_layer=128)
     pruned = method.prune(model, PruneContext((1, 8, 8), calibration=calibration,
                                               finetune=lambda m, steps: calls.append((m, steps))))
-    assert len(calls) == len(DependencyGraph(model).prunable_groups()) == 9
+    # A recovery after every cut but the last (the trial's own fine-tune follows that one).
+    assert len(calls) == len(DependencyGraph(model).prunable_groups()) - 1 == 8
     assert all(m is pruned and steps == 7 for m, steps in calls)
     assert len(method.layer_report) == 9
     assert profile(pruned, (1, 8, 8)).macs < profile(model, (1, 8, 8)).macs
