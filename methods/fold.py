@@ -9,8 +9,8 @@ comparison between them folds both (see ``trainables.trial``).
 
 The conv -> batch-norm pairs come from a ``torch.fx`` trace (the same leaf modules as
 ``methods.graph``): a pair folds only when the batch norm reads the conv's output directly, the
-conv's output has no other reader, and each of the two modules is called exactly once and its
-parameters are read nowhere else. Batch norms anywhere
+conv's output has no other reader, and each of the two modules is called exactly once, has no
+forward hooks and its parameters are read nowhere else. Batch norms anywhere
 else (after a pad shortcut, an add, a linear) stay as they are. The result is a copy in eval mode
 (the running statistics are used, as in eval); the model passed in is not touched. A folded model
 is for inference only: training it would train a different parametrisation.
@@ -46,7 +46,9 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     read = [n.target for n in graph.nodes if n.op == "get_attr"]  # parameters read directly
 
     def untouched(name: str) -> bool:
-        return calls[name] == 1 and not any(t.startswith(name + ".") for t in read)
+        m = modules[name]  # a hook (a gate, a mask) would see or change what folding moves
+        hooked = m._forward_hooks or m._forward_pre_hooks
+        return calls[name] == 1 and not hooked and not any(t.startswith(name + ".") for t in read)
 
     pairs = []
     for node in graph.nodes:

@@ -93,6 +93,16 @@ def test_leaves_a_bn_whose_conv_output_has_another_reader():
     assert_same_outputs(model, folded, shape)
 
 
+def test_leaves_a_pair_with_a_forward_hook():
+    """A hook on the batch norm (a scratch gate multiplies its output) must keep seeing its output."""
+    shape = (3, 8, 8)
+    model = calibrated(_ConvReadTwice(), shape)
+    gate = torch.linspace(0.0, 1.0, 4).view(1, 4, 1, 1)
+    model.bn2.register_forward_hook(lambda m, args, out: out * gate)
+    assert conv_bn_pairs(model) == []
+    assert_same_outputs(model, fold_batchnorm(model), shape)
+
+
 class _DataDependent(nn.Module):
     def __init__(self):
         super().__init__()
