@@ -16,6 +16,13 @@ load average 8 on 2 cores); with ``--threads 1`` the CPU time of a pass is the w
 depends on the load, so the CPU-time column is the one to read there (with more threads it also
 counts OpenMP's spin-waiting).
 
+Variants (``--variants``, default all three, timed in the same run): ``eager`` times the models
+as pruned; ``folded`` folds every batch norm into its conv first (``methods.fold.fold_batchnorm``,
+what the trials' latency measurement does), ``folded_cl`` also puts weights and input in
+channels_last. Dense and pruned are always prepared the same way, so each speedup compares like with
+like; the dense model's own time per variant shows what the preparation buys in absolute terms.
+Ragged widths are counted against 8 and 16 (oneDNN's channel blocks on AVX2 and AVX-512 CPUs).
+
 How it keeps the measurement stable:
 
 * Allocator. glibc's malloc hands big freed blocks back to the kernel (mmap threshold, heap trim)
@@ -28,8 +35,8 @@ How it keeps the measurement stable:
 * Threads: ``torch.set_num_threads(--threads)`` (default: every core), one inter-op thread, and
   ``OMP_NUM_THREADS`` set to the same in the child's environment.
 * Warm-up: every model runs ``--warmup`` untimed forward passes before any timing.
-* Interleaving: each round times, for every pruned model in a fresh random order, the dense model
-  and the pruned one back to back (which goes first alternates by round); the round's speedup is
+* Interleaving: each round times, for every pruned model and variant in a fresh random order, the
+  dense model and the pruned one (same variant) back to back (which goes first alternates by round); the round's speedup is
   the ratio of that adjacent pair (each the median of ``--repeats`` passes), so machine noise that
   drifts over the run hits both sides alike.
 
@@ -84,6 +91,10 @@ def parse_args(argv=None):
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--compile", default=None, choices=("default", "reduce-overhead", "max-autotune"),
                     help="time torch.compile'd models (mode; reduce-overhead adds CUDA graphs)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                    help="how both models are prepared: eager (as pruned), folded (batch norms folded into the "
+                         "convs), folded_cl (folded, channels_last); each pruned model is timed against the dense "
+                         "one prepared the same way")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -149,11 +160,82 @@ def build_pruned(args, dense, shape):
 
 
 def widths_note(model) -> str:
-    """How many conv output widths are not multiples of 8 (padded by AVX2 kernels)."""
+    """How many conv output widths are not multiples of 8 / of 16 (oneDNN's AVX2 / AVX-512 channel
+    blocks: a ragged width is computed padded up to the next block)."""
     import torch
 
     widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    return f"{sum(w % 8 != 0 for w in widths)}/{len(widths)}"
+    return f"{sum(w % 8 != 0 for w in widths)}/{sum(w % 16 != 0 for w in widths)}/{len(widths)}"
+
+
+#: How a model is prepared for timing: ``eager`` as pruned (NCHW, batch norms separate);
+#: ``folded``: every batch norm folded into its conv (``methods.fold.fold_batchnorm``);
+#: ``folded_cl``: folded, weights and input in channels_last.
+VARIANTS = ("eager", "folded", "folded_cl")
+
+
+def prepare(model, variant: str):
+    import torch
+
+    from methods.fold import fold_batchnorm
+
+    if variant == "eager":
+        return model
+    model = fold_batchnorm(model)
+    return model.to(memory_format=torch.channels_last) if variant == "folded_cl" else model
+
+
+def variant_input(x, variant: str):
+    import torch
+
+    return x.contiguous(memory_format=torch.channels_last) if variant.endswith("_cl") or x.is_cuda else x
+
+
+def setup_models(args, dense, grid, x):
+    """``{variant: (dense, [pruned or None per grid row], input)}`` on the target device."""
+    import torch
+
+    out = {}
+    for v in args.variants:
+        d = prepare(dense, v)
+        ms = [prepare(m, v) if m is not None else None for _, _, m, _ in grid]
+        xv = variant_input(x, v)
+        if args.device == "cuda":
+            d = d.to("cuda", memory_format=torch.channels_last)
+            ms = [m.to("cuda", memory_format=torch.channels_last) if m is not None else None for m in ms]
+            xv = xv.to("cuda").contiguous(memory_format=torch.channels_last)
+        if args.compile:
+            d = torch.compile(d, mode=args.compile)
+            ms = [torch.compile(m, mode=args.compile) if m is not None else None for m in ms]
+        out[v] = (d, ms, xv)
+    return out
+
+
+def time_rounds(args, setups, live):
+    """Per (row, variant): lists over rounds of the dense / pruned wall and CPU-time ratios and ms."""
+    keys = [(i, v) for i in live for v in args.variants]
+    res = {k: {"wall": [], "cpu": [], "dense_ms": [], "pruned_ms": []} for k in keys}
+    timers = {v: Timer(setups[v][2]) for v in args.variants}
+    rng = random.Random(args.seed)
+    t0 = time.perf_counter()
+    for r in range(args.rounds):
+        order = keys[:]
+        rng.shuffle(order)
+        for i, v in order:
+            dense, models, _ = setups[v]
+            timer = timers[v]
+            if r % 2 == 0:
+                td, tp = timer.median(dense, args.repeats), timer.median(models[i], args.repeats)
+            else:
+                tp = timer.median(models[i], args.repeats)
+                td = timer.median(dense, args.repeats)
+            cell = res[(i, v)]
+            cell["wall"].append(td[0] / tp[0])
+            cell["cpu"].append(td[1] / tp[1])
+            cell["dense_ms"].append(td[1] * 1e3)
+            cell["pruned_ms"].append(tp[1] * 1e3)
+        print(f"round {r + 1}/{args.rounds} done at {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    return res, time.perf_counter() - t0
 
 
 def child(args) -> None:
@@ -175,45 +257,20 @@ def child(args) -> None:
     prune_s = time.perf_counter() - t0
     print(f"pruned {len(grid)} models in {prune_s:.0f}s", file=sys.stderr, flush=True)
     dense_macs = profile(dense, shape).macs
-    x = torch.randn(args.batch, *shape)
-    models = [m for _, _, m, _ in grid if m is not None]
-    if args.device == "cuda":
-        dense = dense.to("cuda", memory_format=torch.channels_last)
-        models = [m.to("cuda", memory_format=torch.channels_last) for m in models]
-        x = x.to("cuda").contiguous(memory_format=torch.channels_last)
-    if args.compile:
-        dense = torch.compile(dense, mode=args.compile)
-        models = [torch.compile(m, mode=args.compile) for m in models]
-    it = iter(models)
-    grid = [(label, hp, next(it) if m is not None else None, err) for label, hp, m, err in grid]
-    timer = Timer(x)
-    for m in [dense, *models]:  # warm-up (and compilation, with --compile)
-        timer.median(m, args.warmup)
-    faults = minor_faults_per_pass(timer, dense)
-
+    setups = setup_models(args, dense, grid, torch.randn(args.batch, *shape))
+    for v in args.variants:  # warm-up (and compilation, with --compile)
+        d, ms, xv = setups[v]
+        for m in [d, *ms]:
+            if m is not None:
+                Timer(xv).median(m, args.warmup)
+    faults = minor_faults_per_pass(Timer(setups[args.variants[0]][2]), setups[args.variants[0]][0])
     live = [i for i, (_, _, m, _) in enumerate(grid) if m is not None]
-    wall = {i: [] for i in live}  # per round: dense / pruned wall-clock time of the adjacent pair
-    cpu = {i: [] for i in live}  # the same pair's CPU-time ratio
-    dense_ms, pruned_ms = {i: [] for i in live}, {i: [] for i in live}
-    rng = random.Random(args.seed)
-    t0 = time.perf_counter()
-    for r in range(args.rounds):
-        order = live[:]
-        rng.shuffle(order)
-        for i in order:
-            model = grid[i][2]
-            if r % 2 == 0:
-                td = timer.median(dense, args.repeats)
-                tp = timer.median(model, args.repeats)
-            else:
-                tp = timer.median(model, args.repeats)
-                td = timer.median(dense, args.repeats)
-            wall[i].append(td[0] / tp[0])
-            cpu[i].append(td[1] / tp[1])
-            dense_ms[i].append(td[0] * 1e3)
-            pruned_ms[i].append(tp[0] * 1e3)
-        print(f"round {r + 1}/{args.rounds} done at {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
-    timed_s = time.perf_counter() - t0
+    res, timed_s = time_rounds(args, setups, live)
+    report(args, torch, grid, res, dense_macs, shape, faults, prune_s, timed_s)
+
+
+def report(args, torch, grid, res, dense_macs, shape, faults, prune_s, timed_s) -> None:
+    from methods.cost import profile
 
     if args.device == "cuda":
         where = f"{torch.cuda.get_device_name()}, bf16 autocast, channels_last"
@@ -221,41 +278,45 @@ def child(args) -> None:
         where = f"CPU, torch threads {torch.get_num_threads()} (interop 1), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
     malloc = {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
     print(f"{args.model}, 3x{args.image_size}x{args.image_size}, batch {args.batch}, {where}"
-          f"{', torch.compile ' + args.compile if args.compile else ', eager'}, torch {torch.__version__}")
+          f"{', torch.compile ' + args.compile if args.compile else ', eager'}, torch {torch.__version__}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"allocator: {os.environ[CHILD_ENV]} (timing child started with {malloc}); "
           f"dense forward pass after warm-up: {faults:.0f} minor page faults")
-    print(f"method {args.method}, allocation {args.allocation}; {args.rounds} rounds x {args.repeats} passes per "
-          f"timing, dense/pruned adjacent pairs in random order, first alternating; load average "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; pruning {prune_s:.1f}s, timing {timed_s:.1f}s")
-    all_dense = sum(dense_ms.values(), [])
-    print(f"dense MACs {dense_macs / 1e6:.2f} M, dense median "
-          f"{statistics.median(all_dense) if all_dense else float('nan'):.2f} ms/batch")
-    print(f"{'config':<32} {'MACs M':>7} {'removed':>7} {'MACs x':>6} {'pruned ms':>9} "
-          f"{'wall speedup min/med/max':>24} {'eff':>5} {'CPU-time speedup min/med/max':>28} {'eff':>5}  widths%8!=0")
-    effs = {"wall": [], "cpu": []}
-    for i, (label, hp, model, err) in enumerate(grid):
-        if model is None:
-            print(f"{label:<32} not run: {err}")
-            continue
-        macs = profile(_uncompiled(model), shape).macs
-        ratio = dense_macs / macs
-        cells = []
-        for clock, s in (("wall", wall[i]), ("cpu", cpu[i])):
-            eff = statistics.median(s) / ratio
-            effs[clock].append(eff)
-            cells.append(f"{min(s):>6.2f}x /{statistics.median(s):>5.2f}x /{max(s):>5.2f}x {eff:>5.2f}")
-        print(f"{label:<32} {macs / 1e6:>7.2f} {1 - macs / dense_macs:>7.1%} {ratio:>5.2f}x "
-              f"{statistics.median(pruned_ms[i]):>9.2f} {cells[0]:>30} {cells[1]:>34}  {widths_note(_uncompiled(model))}")
-    if not effs["wall"]:
+    print(f"method {args.method}, allocation {args.allocation}; variants {', '.join(args.variants)}; {args.rounds} "
+          f"rounds x {args.repeats} passes per timing, dense/pruned adjacent pairs (same variant) in random order, "
+          f"first alternating; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; pruning "
+          f"{prune_s:.1f}s, timing {timed_s:.1f}s")
+    effs = {(v, c): [] for v in args.variants for c in ("wall", "cpu")}
+    for v in args.variants:
+        dense_ms = sum((res[k]["dense_ms"] for k in res if k[1] == v), [])
+        print(f"\n[{v}] dense MACs {dense_macs / 1e6:.2f} M, dense median {statistics.median(dense_ms):.2f} CPU-ms/batch")
+        print(f"{'config':<32} {'MACs M':>7} {'removed':>7} {'MACs x':>6} {'CPU ms':>9} "
+              f"{'wall speedup min/med/max':>24} {'eff':>5} {'CPU-time speedup min/med/max':>28} {'eff':>5}  "
+              f"widths %8/%16 ragged")
+        for i, (label, hp, model, err) in enumerate(grid):
+            if model is None:
+                print(f"{label:<32} not run: {err}")
+                continue
+            macs = profile(model, shape).macs
+            ratio = dense_macs / macs
+            cell = res[(i, v)]
+            cells = []
+            for clock in ("wall", "cpu"):
+                s = cell[clock]
+                eff = statistics.median(s) / ratio
+                effs[(v, clock)].append(eff)
+                cells.append(f"{min(s):>6.2f}x /{statistics.median(s):>5.2f}x /{max(s):>5.2f}x {eff:>5.2f}")
+            print(f"{label:<32} {macs / 1e6:>7.2f} {1 - macs / dense_macs:>7.1%} {ratio:>5.2f}x "
+                  f"{statistics.median(cell['pruned_ms']):>9.2f} {cells[0]:>30} {cells[1]:>34}  {widths_note(model)}")
+    if not effs[(args.variants[0], "wall")]:
         sys.exit("no pruned model could be built (see the 'not run' lines)")
-    for clock, name in (("wall", "wall-clock"), ("cpu", "CPU-time")):
-        e = effs[clock]
-        print(f"{name} efficiency (median speedup / MACs ratio) min {min(e):.2f}, median {statistics.median(e):.2f}, "
-              f"max {max(e):.2f} (goal >= 0.85 at every ratio: {'met' if min(e) >= 0.85 else 'not met'})")
-
-
-def _uncompiled(model):
-    return getattr(model, "_orig_mod", model)
+    print()
+    for v in args.variants:
+        for clock, name in (("wall", "wall-clock"), ("cpu", "CPU-time")):
+            e = effs[(v, clock)]
+            print(f"[{v}] {name} efficiency (median speedup / MACs ratio) min {min(e):.2f}, median "
+                  f"{statistics.median(e):.2f}, max {max(e):.2f} (goal >= 0.85 at every ratio: "
+                  f"{'met' if min(e) >= 0.85 else 'not met'})")
 
 
 def main(argv=None):

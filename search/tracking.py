@@ -46,7 +46,7 @@ TRIAL_TAG, PARENT_TAG, SWEEP_TAG = "prunetune.trial_id", "mlflow.parentRunId", "
 FEASIBLE_TAG, VIOLATED_TAG = "prunetune.feasible", "prunetune.violated"
 LOGGED_METRICS = ("loss", "train_accuracy", "accuracy", "val_loss", "macs", "params", "epoch_seconds",
                   "test_accuracy", "latency_ms", "dense_latency_ms", "latency_ratio", "dense_macs", "macs_reduction",
-                  "removed_nothing")
+                  "removed_nothing", "latency_bn_folded")
 #: String results (not metrics in MLflow): logged as tags of the trial's child run.
 LOGGED_TAGS = ("stage", "latency_model", "latency_device")
 

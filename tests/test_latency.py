@@ -62,6 +62,9 @@ def test_trial_times_pruned_and_dense_side_by_side(settings, name, hparams):
     assert final["latency_ratio"] == pytest.approx(final["latency_ms"] / final["dense_latency_ms"], rel=1e-12)
     # The pruned side is the method's inference path, the dense side the unpruned architecture.
     assert final["latency_model"] == ("SkippingView" if name == "manidp" else "CifarResNet")
+    # Both sides timed with their batch norms folded (methods.fold), or neither: SkippingView
+    # cannot be traced, so the ManiDP trial times both unfolded.
+    assert final["latency_bn_folded"] == (0.0 if name == "manidp" else 1.0)
     assert 0 < final["macs"] < final["dense_macs"]
 
 

@@ -31,6 +31,7 @@ import torch
 from methods import PruneContext, create_method
 from methods.base import PruningMethod
 from methods.cost import count_params, latencies, profile
+from methods.fold import fold_alike
 
 from .base_model import build_model, fetch_base_model
 from .device_data import trial_loader
@@ -322,20 +323,24 @@ def _final_metrics(model, method: PruningMethod, data, input_shape, settings, de
     The pruned model timed is ``method.inference_model(model)``, what the method really runs at
     inference (ManiDP: the skipping path, not the masked model; ``latency_model`` names the class of
     the module timed); the dense one is ``reference``, the unpruned architecture (its weights do not
-    matter for timing). Both run on the trial's own device (CUDA as the trials run there: channels_last,
+    matter for timing). Both are timed as deployed for inference, with every batch norm folded into
+    its conv (``methods.fold``); when either cannot be folded (SkippingView) neither is, and
+    ``latency_bn_folded`` (1 / 0) says which. Both run on the trial's own device (CUDA as the trials run there: channels_last,
     bf16 autocast; else CPU), interleaved in this process (``methods.cost.latencies``), at batch
     ``settings.latency_batch_size``. ``latency_ratio`` = pruned / dense median: comparable across
     nodes of different speed, which the raw milliseconds are not."""
     test_accuracy, _ = evaluate(model, trial_loader(data.test, EVAL_BATCH, shuffle=False, device=device), device=device)
     model.eval()
     timed = method.inference_model(model, batch_size=settings.latency_batch_size)
-    pruned_lat, dense_lat = latencies([timed, reference], input_shape, batch_size=settings.latency_batch_size,
+    (timed_folded, reference), folded = fold_alike([timed, reference])
+    pruned_lat, dense_lat = latencies([timed_folded, reference], input_shape, batch_size=settings.latency_batch_size,
                                       warmup=LATENCY_WARMUP, rounds=LATENCY_ROUNDS, repeats=LATENCY_REPEATS,
                                       device=device)
     latency_ms, dense_latency_ms = pruned_lat.median_s * 1000.0, dense_lat.median_s * 1000.0
     return {"test_accuracy": test_accuracy, "latency_ms": latency_ms, "dense_latency_ms": dense_latency_ms,
             "latency_ratio": latency_ms / dense_latency_ms, "latency_device": torch.device(device).type,
-            "latency_model": type(timed).__name__, "dense_macs": float(dense_macs)}
+            "latency_model": type(timed).__name__, "latency_bn_folded": float(folded),
+            "dense_macs": float(dense_macs)}
 
 
 def _save(directory: Path, state: dict, model, optimizer, method: PruningMethod, pruned: bool, spec) -> None:
