@@ -26,7 +26,7 @@ from methods.errors import ConfigError
 
 from .config import SweepConfig
 
-__all__ = ["preflight", "check_data", "check_model", "check_expansion", "check_tracking_uri", "check_ray_address",
+__all__ = ["preflight", "check_workers_fit", "check_data", "check_model", "check_expansion", "check_tracking_uri", "check_ray_address",
            "check_storage_path"]
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,35 @@ def preflight(cfg: SweepConfig) -> None:
     check_storage_path(cfg.storage_path, cfg.name)
     if cfg.address:
         check_ray_address(cfg.address)
+    else:
+        check_workers_fit(cfg.resources_per_trial, *_local_devices(), "this machine")
+
+
+def _local_devices() -> tuple[float, float]:
+    """(CPUs, GPUs) an embedded Ray node on this machine would offer."""
+    import torch
+
+    try:
+        from ray._private.utils import get_num_cpus
+
+        cpus = float(get_num_cpus())
+    except Exception:  # noqa: BLE001  (a private helper: fall back to the plain count)
+        cpus = float(os.cpu_count() or 1)
+    return cpus, float(torch.cuda.device_count())
+
+
+def check_workers_fit(res, cpus: float, gpus: float, where: str) -> None:
+    """A data-parallel trial's ranks (plus its own Tune actor's share) fit in ``cpus``/``gpus``; else
+    one line naming ``resources_per_trial.workers``. One-process trials are not checked here."""
+    if res.workers == 1:
+        return
+    from .sweep import DRIVER_CPU
+
+    need_cpu, need_gpu = res.workers * res.cpu + DRIVER_CPU, res.workers * res.gpu
+    if need_cpu > cpus or need_gpu > gpus:
+        raise ConfigError(f"resources_per_trial.workers: {res.workers} workers x (cpu {res.cpu}, gpu {res.gpu}) "
+                          f"need {need_cpu:g} CPUs (with {DRIVER_CPU:g} for the trial's driver) and {need_gpu:g} "
+                          f"GPUs; {where} has {cpus:g} CPUs and {gpus:g} GPUs")
 
 
 def _input_of(cfg: SweepConfig) -> tuple[tuple[int, int, int], int]:
