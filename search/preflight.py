@@ -59,17 +59,14 @@ def _local_devices() -> tuple[float, float]:
 
 
 def check_workers_fit(res, cpus: float, gpus: float, where: str) -> None:
-    """A data-parallel trial's ranks (plus its own Tune actor's share) fit in ``cpus``/``gpus``; else
-    one line naming ``resources_per_trial.workers``. One-process trials are not checked here."""
+    """A data-parallel trial's ranks fit in ``cpus``/``gpus``; else one line naming
+    ``resources_per_trial.workers``. One-process trials are not checked here."""
     if res.workers == 1:
         return
-    from .sweep import DRIVER_CPU
-
-    need_cpu, need_gpu = res.workers * res.cpu + DRIVER_CPU, res.workers * res.gpu
+    need_cpu, need_gpu = res.workers * res.cpu, res.workers * res.gpu
     if need_cpu > cpus or need_gpu > gpus:
         raise ConfigError(f"resources_per_trial.workers: {res.workers} workers x (cpu {res.cpu}, gpu {res.gpu}) "
-                          f"need {need_cpu:g} CPUs (with {DRIVER_CPU:g} for the trial's driver) and {need_gpu:g} "
-                          f"GPUs; {where} has {cpus:g} CPUs and {gpus:g} GPUs")
+                          f"need {need_cpu:g} CPUs and {need_gpu:g} GPUs; {where} has {cpus:g} CPUs and {gpus:g} GPUs")
 
 
 def _input_of(cfg: SweepConfig) -> tuple[tuple[int, int, int], int]:

@@ -301,7 +301,7 @@ def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool,
 
 def _trainable(cfg: SweepConfig, settings, exp_dir: str):
     """Tune's trainable with its resources. A data-parallel trial (``workers`` > 1) is a Tune trial
-    that holds ``DRIVER_CPU`` and starts a Ray Train run of ``workers`` ranks with their own
+    that holds no CPU (``DRIVER_MEMORY`` only) and starts a Ray Train run of ``workers`` ranks with their own
     resources (``trainables.distributed``), keeping its checkpoints under ``storage_path``."""
     from ray import tune
 
@@ -318,11 +318,12 @@ def _trainable(cfg: SweepConfig, settings, exp_dir: str):
                             storage_path=storage.join(exp_dir, "ddp_runs"))
     return tune.with_resources(tune.with_parameters(data_parallel_trial_fn, settings=settings, parallel=parallel,
                                                     checkpoint_period_s=cfg.checkpoint_period_s),
-                               {"cpu": DRIVER_CPU})
+                               {"cpu": 0, "memory": DRIVER_MEMORY})
 
 
-#: What a data-parallel trial's own Tune actor holds: it only waits for its ranks (Tune refuses 0).
-DRIVER_CPU = 0.01
+#: All a data-parallel trial's own Tune actor holds: it only waits for its ranks, and Tune refuses
+#: a trial that asks for nothing. Its ranks hold the CPUs and GPUs.
+DRIVER_MEMORY = 1 << 20
 
 
 def _input_example(data, n: int = 4):
