@@ -10,7 +10,7 @@ contiguous part. So ``workers`` ranks compute what one process computes on the g
   (the last batch of an epoch) has its loss gradient weighted by its share (:class:`_Weighted`),
   so the average is the gradient of the mean loss over the global batch;
 * batch norm: the stepping model normalises with the GLOBAL batch's statistics
-  (:class:`GlobalBatchNorm`: one all-reduce of per-channel sums per layer, differentiable), so
+  (:func:`global_batch_norm`: one all-reduce of per-channel sums per layer, differentiable), so
   its outputs, running statistics and gradients are those of the one-process model;
 * the method's hooks (``extra_loss``, ``after_backward``, ``after_step``, ``on_epoch_end``) run on
   every rank on the unwrapped model, after the gradients are averaged: every rank changes its
@@ -23,7 +23,11 @@ contiguous part. So ``workers`` ranks compute what one process computes on the g
   report nothing but still call ``report`` (Ray Train's report is a barrier).
 
 The one-process result is reproduced up to the rounding of the all-reduced sums: floating-point
-addition in another order (tests/test_distributed.py bounds it).
+addition in another order (tests/test_distributed.py bounds it). Not for methods whose loss
+couples the samples of a batch: ManiDP's similarity and complexity terms are computed on each
+rank's slice (and its running mean of the loss from the rank's own samples), so its N-rank trial is
+an approximation of the one-process one. Random draws during training (dropout; none in the
+shipped models) are drawn per rank.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ from .settings import TrialSettings
 from .train import EpochStats, NonFiniteLossError, train_epoch
 from .trial import Reporter, _finetune_optimizer, _stage, _Trial
 
-__all__ = ["DataParallelTrial", "GlobalBatchNorm", "shard", "global_batch"]
+__all__ = ["DataParallelTrial", "global_batch_norm", "shard", "global_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -137,41 +141,33 @@ class _SumAcrossRanks(torch.autograd.Function):
         return _SumAcrossRanks.apply(grad.contiguous(), ctx.group), None
 
 
-class GlobalBatchNorm(nn.Module):
-    """``bn`` (whose parameters and buffers it uses, not copies) normalising in training with the
-    statistics of the global batch: per-channel counts, sums and centred squares all-reduced over
-    ``group`` in float64 (one all-reduce per layer and pass). Eval mode is ``bn`` itself."""
-
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, group):
-        super().__init__()
-        self.bn, self.group = bn, group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bn = self.bn
-        if not self.training or not bn.track_running_stats:
-            return bn(x)
-        c, xf = x.shape[1], x.float()
-        dims, n_local = [0, *range(2, x.dim())], xf.numel() // c
-        # Per rank: mean and centred sum of squares (no cancellation); combined in float64 as
-        # sum(n_r m_r) and sum(M2_r + n_r m_r^2), whose difference N mean^2 cancels only the ranks' means.
-        local_mean = xf.mean(dims, keepdim=True)
-        m2 = (xf - local_mean).square().sum(dims).double()
-        m1 = local_mean.flatten().double() * n_local
-        stats = torch.cat([m1, m2 + m1 * m1 / n_local, m1.new_full((1,), float(n_local))])
-        stats = _SumAcrossRanks.apply(stats, self.group)
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-            bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
-            bn.running_var.mul_(1 - m).add_((var * n / (n - 1).clamp_min(1)).to(bn.running_var.dtype), alpha=m)
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        y = (xf - mean.float().view(shape)) * torch.rsqrt(var + bn.eps).float().view(shape)
-        if bn.affine:
-            y = y * bn.weight.view(shape) + bn.bias.view(shape)
-        return y.to(x.dtype)
+def global_batch_norm(bn: nn.modules.batchnorm._BatchNorm, group, x: torch.Tensor) -> torch.Tensor:
+    """``bn``'s forward normalising in training with the statistics of the global batch: per-channel
+    counts, sums and centred squares all-reduced over ``group`` in float64 (one all-reduce per
+    layer and pass, differentiable); its running statistics updated with them. Eval mode: ``bn``'s own."""
+    if not bn.training or not bn.track_running_stats:
+        return type(bn).forward(bn, x)
+    c, xf = x.shape[1], x.float()
+    dims, n_local = [0, *range(2, x.dim())], xf.numel() // c
+    # Per rank: mean and centred sum of squares (no cancellation); combined in float64 as
+    # sum(n_r m_r) and sum(M2_r + n_r m_r^2), whose difference N mean^2 cancels only the ranks' means.
+    local_mean = xf.mean(dims, keepdim=True)
+    m2 = (xf - local_mean).square().sum(dims).double()
+    m1 = local_mean.flatten().double() * n_local
+    stats = _SumAcrossRanks.apply(torch.cat([m1, m2 + m1 * m1 / n_local, m1.new_full((1,), float(n_local))]), group)
+    n = stats[-1]
+    mean = stats[:c] / n
+    var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
+        bn.running_var.mul_(1 - m).add_((var * n / (n - 1).clamp_min(1)).to(bn.running_var.dtype), alpha=m)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    y = (xf - mean.float().view(shape)) * torch.rsqrt(var + bn.eps).float().view(shape)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y.to(x.dtype)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -203,34 +199,48 @@ class _Weighted(nn.Module):
 
 
 def _global_view(model: nn.Module, group) -> nn.Module:
-    """A copy of ``model``'s module tree sharing its parameters and buffers (the same tensors:
-    the optimizer and the method's hooks see every update), with every batch norm a GlobalBatchNorm."""
+    """A copy of ``model``'s module tree sharing its parameters and buffers (the same tensors: the
+    optimizer and the method's hooks see every update) whose batch norms run ``global_batch_norm``.
+    The copies keep the modules' forward hooks (methods gate batch-norm outputs with them)."""
     import copy
+    import functools
 
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
     view = copy.deepcopy(model, memo)
-    for name, module in list(view.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                setattr(module, child_name, GlobalBatchNorm(child, group))
+    for original, module in zip(model.modules(), view.modules()):
+        for hooks in ("_forward_pre_hooks", "_forward_hooks"):  # the same hook objects, not copies
+            setattr(module, hooks, type(getattr(original, hooks))(getattr(original, hooks)))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.forward = functools.partial(global_batch_norm, module, group)
     return view
 
 
 class _HooksOn:
-    """The method's per-step hooks, always given the unwrapped model (the DDP-wrapped one is what
-    ``train_step`` holds): hooks bind to the model's own modules and parameters."""
+    """The per-step hooks ``train_step`` calls, for the DDP-wrapped model: the method's (phase only,
+    ``method`` None in the fine-tune) are given the unwrapped model, since they bind to its own
+    modules and parameters; before them, the gradients of the tensors the optimizer updates that
+    are not the model's parameters (scratch's gates), which DDP does not see, are averaged too."""
 
-    def __init__(self, method: PruningMethod, model: nn.Module):
-        self.method, self.model = method, model
+    def __init__(self, method: PruningMethod | None, model: nn.Module, outside: list[torch.Tensor], group):
+        self.method, self.model, self.outside, self.group = method, model, outside, group
 
     def extra_loss(self, model, inputs, logits, targets):
-        return self.method.extra_loss(self.model, inputs, logits, targets)
+        return None if self.method is None else self.method.extra_loss(self.model, inputs, logits, targets)
 
     def after_backward(self, model) -> None:
-        self.method.after_backward(self.model)
+        grads = [t.grad for t in self.outside if t.grad is not None]
+        if grads:
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat, group=self.group)
+            flat /= dist.get_world_size(self.group)
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+        if self.method is not None:
+            self.method.after_backward(self.model)
 
     def after_step(self, model) -> None:
-        self.method.after_step(self.model)
+        if self.method is not None:
+            self.method.after_step(self.model)
 
 
 # ---- the trial on one rank -----------------------------------------------------------------------------
@@ -284,20 +294,26 @@ class DataParallelTrial(_Trial):
         raise exc
 
     def _train(self, stage: str) -> EpochStats:
-        hooks = _HooksOn(self.method, self.model) if stage == "phase" else None
-        stats = train_epoch(self._wrapped(), self.shard_loader, self.optimizer, device=self.device, method=hooks)
+        stepping = self._wrapped()
+        managed = {id(p) for p in stepping.parameters()}
+        outside = [p for group in self.optimizer.param_groups for p in group["params"] if id(p) not in managed]
+        hooks = _HooksOn(self.method if stage == "phase" else None, self.model, outside, self.groups[0])
+        stats = train_epoch(stepping, self.shard_loader, self.optimizer, device=self.device, method=hooks)
         totals = torch.tensor([stats.loss * stats.images, stats.accuracy * stats.images, stats.images],
                               dtype=torch.float64)
         dist.all_reduce(totals, group=self.groups[1])
         n = max(1.0, float(totals[2]))
         return EpochStats(float(totals[0]) / n, float(totals[1]) / n, stats.seconds, stats.steps, int(totals[2]))
 
-    def _wrapped(self) -> DistributedDataParallel:
-        """DDP over a global-batch-norm view of the current model (built again after the cut)."""
+    def _wrapped(self) -> nn.Module:
+        """DDP over a global-batch-norm view of the current model (built again after the cut); the
+        view alone while no model parameter trains (scratch's phase trains only its gates)."""
         if self._ddp is None or self._ddp[0] is not self.model:
             net = _Weighted(_global_view(self.model, self.groups[0]), self.groups[1])
-            ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
-            self._ddp = (self.model, DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False))
+            if any(p.requires_grad for p in net.parameters()):
+                ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
+                net = DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+            self._ddp = (self.model, net)
         return self._ddp[1]
 
     def _epoch_metrics(self, epoch: int, stage: str, stats: EpochStats) -> dict[str, Any]:
