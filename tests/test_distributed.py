@@ -167,3 +167,45 @@ def test_compile_with_workers_is_refused():
 
     with pytest.raises(ConfigError, match=r"^compile: not supported for data-parallel trials"):
         config_from_dict({"resources_per_trial": {"workers": 2}, "compile": True})
+
+
+# ---- through the sweep: Tune trial -> Ray Train ranks -> Tune checkpoints -> MLflow ---------------------
+def _sweep(tmp_path, name: str, *overrides: str):
+    from search.config import load_config
+    from search.sweep import run_sweep
+
+    cfg = load_config("configs/quickstart.yaml", [
+        "methods=[l1_norm]", "num_trials=1", "base.epochs=1", "finetune.epochs=2", "early_stopping.type=none",
+        "resources_per_trial.workers=2", "checkpoint_period_s=0", f"tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"storage_path={tmp_path}/ray", f"name={name}", *overrides])
+    return cfg, run_sweep(cfg)
+
+
+def test_a_data_parallel_sweep_records_its_trial_like_a_one_process_one(ray_local, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import child_runs
+
+    cfg, result = _sweep(tmp_path, "ddp")
+    client = MlflowClient(cfg.tracking_uri)
+    (run,) = child_runs(client, result.parent_run_id)
+    assert run.info.status == "FINISHED" and result.finished == 1
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")] == [1, 2]
+    for key in ("accuracy", "test_accuracy", "macs", "params", "latency_ratio"):
+        assert key in run.data.metrics, key
+    # The final checkpoint reached Tune (MLflow logged its model from it); Ray Train's copies are gone.
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/weights.pt", "model/spec.json"}
+    trial_dirs = [d for d in Path(result.experiment_dir).iterdir() if d.name.startswith("data_parallel_trial_fn")]
+    assert len(trial_dirs) == 1 and sorted(p.name for p in trial_dirs[0].glob("checkpoint_*"))
+    assert not any((Path(result.experiment_dir) / "ddp_runs").iterdir())
+
+
+def test_a_nonfinite_loss_on_the_ranks_fails_the_trial_with_its_reason(ray_local, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import child_runs
+
+    cfg, result = _sweep(tmp_path, "ddp-nan", "finetune.lr=1.0e+12")
+    (run,) = child_runs(MlflowClient(cfg.tracking_uri), result.parent_run_id)
+    assert result.failed == 1 and run.info.status == "FAILED"
+    assert "training loss became" in run.data.tags["failure_reason"], run.data.tags["failure_reason"]
