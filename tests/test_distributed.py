@@ -135,6 +135,51 @@ def test_data_parallel_trial_resumes_where_it_stopped(runs, settings, tmp_path):
         assert torch.equal(x, y), name
 
 
+def test_a_stopped_trial_ends_its_ranks_and_frees_their_cpus(settings, ray_local):
+    """Tune stopping a trial (early stopping) ends the driver's ``tune.report`` with an exception:
+    the ranks must stop at their next report instead of training their remaining epochs."""
+    import time
+
+    import ray
+
+    class Stop(Exception):
+        pass
+
+    def report(metrics, checkpoint):
+        raise Stop
+
+    long = TrialSettings(**{**settings.__dict__, "finetune": TrainSettings(epochs=50, lr=0.01, batch_size=BATCH)})
+    with pytest.raises(Stop):
+        fit_data_parallel(long, "l1_norm", HPARAMS["l1_norm"], DataParallel(WORKERS), report)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_each_rank_takes_its_slice_of_the_same_global_batch():
+    """Concatenated, the ranks' slices are the one-process batches: same order, same augmentation."""
+    from trainables.data import TensorImageDataset, make_loader
+    from trainables.data_parallel import shard
+    from trainables.device_data import DeviceArrays, DeviceLoader
+
+    images = torch.randint(0, 256, (37, 8, 8, 3), dtype=torch.uint8)
+    arrays = DeviceArrays(images, torch.arange(37), mean=(0.5,) * 3, std=(0.25,) * 3, pad_crop=2, flip=True)
+    full = DeviceLoader(arrays, 10, shuffle=True, seed=1)
+    dataset = TensorImageDataset(torch.randn(37, 3, 4, 4), torch.arange(37))
+    for loader in (full, make_loader(dataset, 10, shuffle=True, seed=1)):
+        loader.generator.manual_seed(5)
+        want = list(loader)
+        got = []
+        for rank in range(3):
+            loader.generator.manual_seed(5)
+            got.append(list(shard(loader, rank, 3)))
+        assert len(got[0]) == len(want) == 4
+        for i, (x, y) in enumerate(want):
+            assert torch.equal(torch.cat([g[i][0] for g in got]), x) and torch.equal(torch.cat([g[i][1] for g in got]), y)
+            assert [len(g[i][1]) for g in got] == [len(t) for t in torch.tensor_split(y, 3)]
+
+
 # ---- bad configs: one line naming the field, before Ray starts -------------------------------------------
 @pytest.mark.parametrize("resources,field", [
     ({"workers": 0}, "resources_per_trial.workers: must be an integer >= 1"),

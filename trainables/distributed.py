@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterator
 
 from ray.train import UserCallback
 
+from methods.errors import PruneTuneError
+
 from .settings import TrialSettings
 from .train import NonFiniteLossError
 
@@ -59,20 +61,25 @@ def fit_data_parallel(settings: TrialSettings, method_name: str, hparams: dict[s
     import ray
     from ray.util.queue import Queue
 
-    queue = Queue(actor_options={"num_cpus": 0})
+    queue, stop = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
     with _run_storage(parallel.storage_path) as (path, filesystem):
-        trainer = _trainer(settings, method_name, hparams, parallel, queue, resume_from, checkpoint_period_s,
-                           path, filesystem)
+        trainer = _trainer(settings, method_name, hparams, parallel, (queue, stop), resume_from,
+                           checkpoint_period_s, path, filesystem)
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="prunetune-ddp") as pool:
                 done = pool.submit(trainer.fit)
-                _forward(queue, done, on_report)
+                try:
+                    _forward(queue, done, on_report)
+                except BaseException:  # e.g. Tune stopping the trial (SystemExit in tune.report)
+                    stop.put(True)  # the ranks stop at their next report; leaving the pool waits for it
+                    raise
                 _result(done)
         finally:
             ray.kill(queue.actor)
+            ray.kill(stop.actor)
 
 
-def _trainer(settings, method_name, hparams, parallel: DataParallel, queue, resume_from, period, path, filesystem):
+def _trainer(settings, method_name, hparams, parallel: DataParallel, queues, resume_from, period, path, filesystem):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -85,7 +92,7 @@ def _trainer(settings, method_name, hparams, parallel: DataParallel, queue, resu
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend=parallel.backend),
         run_config=RunConfig(name=f"prunetune-ddp-{uuid.uuid4().hex[:12]}", storage_path=path,
-                             storage_filesystem=filesystem, callbacks=[_ToDriver(queue)],
+                             storage_filesystem=filesystem, callbacks=[_ToDriver(*queues)],
                              failure_config=FailureConfig(max_failures=0),  # Tune retries the trial
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),  # the driver deletes them
     )
@@ -140,13 +147,20 @@ def _result(done: Future) -> None:
         raise
 
 
-class _ToDriver(UserCallback):
-    """On the Ray Train controller: rank 0's metrics and the persisted checkpoint, to the driver."""
+class StoppedByDriver(PruneTuneError):
+    """The driver stopped taking reports (Tune stopped the trial): the run ends."""
 
-    def __init__(self, queue):
-        self.queue = queue
+
+class _ToDriver(UserCallback):
+    """On the Ray Train controller: rank 0's metrics and the persisted checkpoint, to the driver;
+    once the driver has put anything in ``stop``, the run ends instead (raising here ends it)."""
+
+    def __init__(self, queue, stop):
+        self.queue, self.stop = queue, stop
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
+        if not self.stop.empty():
+            raise StoppedByDriver("the driver stopped the trial")
         self.queue.put((metrics[0], checkpoint))
 
 
