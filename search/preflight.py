@@ -26,8 +26,8 @@ from methods.errors import ConfigError
 
 from .config import SweepConfig
 
-__all__ = ["preflight", "check_workers_fit", "check_data", "check_model", "check_expansion", "check_tracking_uri", "check_ray_address",
-           "check_storage_path"]
+__all__ = ["preflight", "check_workers_fit", "check_data", "check_model", "check_expansion", "check_tracking_uri",
+           "check_ray_address", "check_storage_path"]
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 10.0

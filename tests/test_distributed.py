@@ -176,7 +176,8 @@ def test_each_rank_takes_its_slice_of_the_same_global_batch():
             got.append(list(shard(loader, rank, 3)))
         assert len(got[0]) == len(want) == 4
         for i, (x, y) in enumerate(want):
-            assert torch.equal(torch.cat([g[i][0] for g in got]), x) and torch.equal(torch.cat([g[i][1] for g in got]), y)
+            assert torch.equal(torch.cat([g[i][0] for g in got]), x)
+            assert torch.equal(torch.cat([g[i][1] for g in got]), y)
             assert [len(g[i][1]) for g in got] == [len(t) for t in torch.tensor_split(y, 3)]
 
 
