@@ -63,6 +63,7 @@ def check_workers_fit(res, cpus: float, gpus: float, where: str) -> None:
     ``resources_per_trial.workers``. One-process trials are not checked here."""
     if res.workers == 1:
         return
+    _check_train_v2()
     need_cpu, need_gpu = res.workers * res.cpu, res.workers * res.gpu
     if need_cpu > cpus or need_gpu > gpus:
         raise ConfigError(f"resources_per_trial.workers: {res.workers} workers x (cpu {res.cpu}, gpu {res.gpu}) "
@@ -277,6 +278,21 @@ def check_ray_address(address: str) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"address: cannot reach Ray at {address} ({exc})") from None
+
+
+def _check_train_v2() -> None:
+    """Data-parallel trials run on Ray Train V2 (its reporting and callback API)."""
+    import ray
+
+    try:
+        from ray.train.v2._internal.constants import is_v2_enabled
+
+        enabled = is_v2_enabled()
+    except ImportError:
+        enabled = False
+    if not enabled:
+        raise ConfigError(f"resources_per_trial.workers: data-parallel trials need Ray Train V2, which Ray "
+                          f"{ray.__version__} here lacks or has off (RAY_TRAIN_V2_ENABLED=1 turns it on)")
 
 
 def _try_write(folder: Path, field: str, name: str | None = None) -> None:

@@ -208,6 +208,16 @@ def test_more_workers_than_the_machine_has_is_refused_by_preflight(tmp_path):
     assert str(err.value).startswith(f"resources_per_trial.workers: {int(cpus) + 1} workers x (cpu 1, gpu 0) need")
 
 
+def test_data_parallel_trials_without_ray_train_v2_are_refused(monkeypatch):
+    from search.config import config_from_dict
+    from search.preflight import check_workers_fit
+
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "0")
+    res = config_from_dict({"resources_per_trial": {"workers": 2}}).resources_per_trial
+    with pytest.raises(ConfigError, match=r"^resources_per_trial.workers: data-parallel trials need Ray Train V2"):
+        check_workers_fit(res, cpus=2, gpus=0, where="this machine")
+
+
 def test_compile_with_workers_is_refused():
     from search.config import config_from_dict
 

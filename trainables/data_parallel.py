@@ -35,6 +35,7 @@ import io
 import logging
 import math
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -312,7 +313,9 @@ class DataParallelTrial(_Trial):
             net = _Weighted(_global_view(self.model, self.groups[0]), self.groups[1])
             if any(p.requires_grad for p in net.parameters()):
                 ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
-                net = DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+                with warnings.catch_warnings():  # newer torch renames it; the buffers are equal on every rank
+                    warnings.simplefilter("ignore", FutureWarning)
+                    net = DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
             self._ddp = (self.model, net)
         return self._ddp[1]
 
