@@ -75,6 +75,9 @@ def _checked_objectives(objective: Any, objectives: Any) -> tuple[str | None, tu
 #: Upper bounds that catch a typo (``num_trials: 1000000000000``) before any work; generous for real use.
 MAX_TRIALS, MAX_CONCURRENT, MAX_EPOCHS, MAX_BATCH = 100_000, 10_000, 100_000, 1 << 16
 MAX_IMAGE_SIZE, MAX_CALIBRATION_BATCHES, MAX_FAILURES = 8192, 100_000, 1000
+MAX_WORKERS = 4096
+#: ``resources_per_trial.backend`` values (``auto``: nccl with GPUs, else gloo).
+BACKENDS = ("auto", "gloo", "nccl")
 #: ``name`` names the sweep directory ``<name>-YYYYmmdd-HHMMSS``: a file name is at most 255 bytes.
 MAX_NAME_BYTES = 255 - len("-YYYYmmdd-HHMMSS")
 
@@ -227,18 +230,40 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    """Ray resources per trial; ``gpu`` may be fractional (0.5: two trials share a GPU)."""
+    """Ray resources per trial; ``gpu`` may be fractional (0.5: two trials share a GPU).
+
+    ``workers`` > 1 makes a trial data-parallel (``trainables.distributed``): that many ranks, each
+    with ``cpu`` CPUs and ``gpu`` (0 or 1) GPUs, every batch size in the config per worker (global
+    batch = batch_size x workers); ``backend``: ``auto`` (nccl with GPUs, else gloo), ``gloo`` or
+    ``nccl`` (GPUs only)."""
 
     cpu: float = 1
     gpu: float = 0
+    workers: int = 1
+    backend: str = "auto"
 
     def validated(self, where: str) -> "ResourcesConfig":
         cpu = _float(self.cpu, f"{where}.cpu", gt=0)
         gpu = _float(self.gpu, f"{where}.gpu", ge=0)
         if gpu > 1 and not gpu.is_integer():
             raise ConfigError(f"{where}.gpu: a GPU share above 1 must be a whole number (Ray's rule), got {self.gpu!r}")
+        workers = _int(self.workers, f"{where}.workers", 1, MAX_WORKERS)
+        if workers > 1 and gpu not in (0, 1):
+            raise ConfigError(f"{where}.gpu: a data-parallel trial (workers: {workers}) runs one rank per GPU: "
+                              f"gpu must be 0 or 1 per worker, got {self.gpu!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"{where}.backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "nccl" and gpu == 0:
+            raise ConfigError(f"{where}.backend: nccl needs a GPU per worker (gpu: 1), got gpu: {self.gpu!r}; "
+                              "use gloo or auto on CPUs")
         # Keep whole numbers as ints: Ray and the YAML round trip read nicer that way.
-        return ResourcesConfig(cpu=int(cpu) if cpu.is_integer() else cpu, gpu=int(gpu) if gpu.is_integer() else gpu)
+        return ResourcesConfig(cpu=int(cpu) if cpu.is_integer() else cpu, gpu=int(gpu) if gpu.is_integer() else gpu,
+                               workers=workers, backend=self.backend)
+
+    @property
+    def comm_backend(self) -> str:
+        """The torch.distributed backend of a data-parallel trial."""
+        return ("nccl" if self.gpu else "gloo") if self.backend == "auto" else self.backend
 
 
 @dataclass(frozen=True)
@@ -364,6 +389,9 @@ class SweepConfig:
         set_("latency_batch_size", _int(self.latency_batch_size, "latency_batch_size", 1, MAX_BATCH))
         set_("calibration_batches", _int(self.calibration_batches, "calibration_batches", 1, MAX_CALIBRATION_BATCHES))
         set_("compile", _bool(self.compile, "compile"))
+        if self.compile and self.resources_per_trial.workers > 1:
+            raise ConfigError(f"compile: not supported for data-parallel trials (resources_per_trial.workers: "
+                              f"{self.resources_per_trial.workers}); set compile: false or workers: 1")
 
     # ---- field checks ---------------------------------------------------------------------------------
     def _checked_data_dir(self) -> str | None:

@@ -26,8 +26,8 @@ from methods.errors import ConfigError
 
 from .config import SweepConfig
 
-__all__ = ["preflight", "check_data", "check_model", "check_expansion", "check_tracking_uri", "check_ray_address",
-           "check_storage_path"]
+__all__ = ["preflight", "check_workers_fit", "check_data", "check_model", "check_expansion", "check_tracking_uri",
+           "check_ray_address", "check_storage_path"]
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 10.0
@@ -41,6 +41,33 @@ def preflight(cfg: SweepConfig) -> None:
     check_storage_path(cfg.storage_path, cfg.name)
     if cfg.address:
         check_ray_address(cfg.address)
+    else:
+        check_workers_fit(cfg.resources_per_trial, *_local_devices(), "this machine")
+
+
+def _local_devices() -> tuple[float, float]:
+    """(CPUs, GPUs) an embedded Ray node on this machine would offer."""
+    import torch
+
+    try:
+        from ray._private.utils import get_num_cpus
+
+        cpus = float(get_num_cpus())
+    except Exception:  # noqa: BLE001  (a private helper: fall back to the plain count)
+        cpus = float(os.cpu_count() or 1)
+    return cpus, float(torch.cuda.device_count())
+
+
+def check_workers_fit(res, cpus: float, gpus: float, where: str) -> None:
+    """A data-parallel trial's ranks fit in ``cpus``/``gpus``; else one line naming
+    ``resources_per_trial.workers``. One-process trials are not checked here."""
+    if res.workers == 1:
+        return
+    _check_train_v2()
+    need_cpu, need_gpu = res.workers * res.cpu, res.workers * res.gpu
+    if need_cpu > cpus or need_gpu > gpus:
+        raise ConfigError(f"resources_per_trial.workers: {res.workers} workers x (cpu {res.cpu}, gpu {res.gpu}) "
+                          f"need {need_cpu:g} CPUs and {need_gpu:g} GPUs; {where} has {cpus:g} CPUs and {gpus:g} GPUs")
 
 
 def _input_of(cfg: SweepConfig) -> tuple[tuple[int, int, int], int]:
@@ -251,6 +278,21 @@ def check_ray_address(address: str) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"address: cannot reach Ray at {address} ({exc})") from None
+
+
+def _check_train_v2() -> None:
+    """Data-parallel trials run on Ray Train V2 (its reporting and callback API)."""
+    import ray
+
+    try:
+        from ray.train.v2._internal.constants import is_v2_enabled
+
+        enabled = is_v2_enabled()
+    except ImportError:
+        enabled = False
+    if not enabled:
+        raise ConfigError(f"resources_per_trial.workers: data-parallel trials need Ray Train V2, which Ray "
+                          f"{ray.__version__} here lacks or has off (RAY_TRAIN_V2_ENABLED=1 turns it on)")
 
 
 def _try_write(folder: Path, field: str, name: str | None = None) -> None:

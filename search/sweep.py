@@ -198,6 +198,11 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
     started = _init_ray(cfg)
     interrupts.install()  # again: ray.init puts its own SIGTERM handler in place
     try:
+        if cfg.address:  # a cluster: its resources are known now (an embedded node's were checked in preflight)
+            from .preflight import check_workers_fit
+
+            total = ray.cluster_resources()
+            check_workers_fit(cfg.resources_per_trial, total.get("CPU", 0), total.get("GPU", 0), "the Ray cluster")
         settings = settings_from_config(cfg)
         base_metrics = _base_model(cfg, settings, client, parent)
         data = load_data(settings)
@@ -256,18 +261,13 @@ def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool,
     ``warm``: earlier sweeps' finished trials for the new study (``search.warm_start``)."""
     from ray import tune
 
-    from trainables.tune_trainable import trial_fn
-
     from .early_stopping import scheduler_and_callbacks
     from .progress import ProgressLines, tune_verbosity
     from .searcher import ParetoOptunaSearch, make_sampler
     from .space import make_space
     from .tracking import MLflowTrialLogger
 
-    res = cfg.resources_per_trial
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings,
-                                                         checkpoint_period_s=cfg.checkpoint_period_s),
-                                    {"cpu": res.cpu, "gpu": res.gpu})
+    trainable = _trainable(cfg, settings, exp_dir)
     tune_path, tune_storage = _tune_location(exp_dir)
     if restore and not tune.Tuner.can_restore(tune_path, **tune_storage):
         log.warning("%s holds no Tune state yet (the driver stopped before Tune started): starting Tune afresh",
@@ -297,6 +297,33 @@ def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[MLflowTrialLogger(cfg.tracking_uri, parent, example), *callbacks], verbose=tune_verbosity()),
     )
+
+
+def _trainable(cfg: SweepConfig, settings, exp_dir: str):
+    """Tune's trainable with its resources. A data-parallel trial (``workers`` > 1) is a Tune trial
+    that holds no CPU (``DRIVER_MEMORY`` only) and starts a Ray Train run of ``workers`` ranks with their own
+    resources (``trainables.distributed``), keeping its checkpoints under ``storage_path``."""
+    from ray import tune
+
+    from trainables.tune_trainable import data_parallel_trial_fn, trial_fn
+
+    res = cfg.resources_per_trial
+    if res.workers == 1:
+        return tune.with_resources(tune.with_parameters(trial_fn, settings=settings,
+                                                        checkpoint_period_s=cfg.checkpoint_period_s),
+                                   {"cpu": res.cpu, "gpu": res.gpu})
+    from trainables.distributed import DataParallel
+
+    parallel = DataParallel(res.workers, cpu=res.cpu, gpu=res.gpu, backend=res.comm_backend,
+                            storage_path=storage.join(exp_dir, "ddp_runs"))
+    return tune.with_resources(tune.with_parameters(data_parallel_trial_fn, settings=settings, parallel=parallel,
+                                                    checkpoint_period_s=cfg.checkpoint_period_s),
+                               {"cpu": 0, "memory": DRIVER_MEMORY})
+
+
+#: All a data-parallel trial's own Tune actor holds: it only waits for its ranks, and Tune refuses
+#: a trial that asks for nothing. Its ranks hold the CPUs and GPUs.
+DRIVER_MEMORY = 1 << 20
 
 
 def _input_example(data, n: int = 4):

@@ -71,6 +71,11 @@ class DeviceLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in self.batch_indices():
+            yield self.batch(index, self.draw(index.numel()))
+
+    def batch_indices(self) -> Iterator[torch.Tensor]:
+        """The sample indices of each batch of one pass (the pass's order drawn from ``generator``)."""
         n = self.targets.numel()
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = self._to_device(order)
@@ -78,7 +83,23 @@ class DeviceLoader:
             index = order[start:start + self.batch_size]
             if self.drop_last and index.numel() < self.batch_size:
                 return
-            yield self._augment(self._normalised(self.images.index_select(0, index))), self.targets.index_select(0, index)
+            yield index
+
+    def draw(self, b: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The augmentation draws of a batch of ``b`` images, per image: (crop rows, crop columns,
+        flip), None where the split does not get that augmentation."""
+        p, dy, dx, flip = self.arrays.pad_crop, None, None, None
+        if p:
+            dy = self._to_device(torch.randint(0, 2 * p + 1, (b,), generator=self.generator))
+            dx = self._to_device(torch.randint(0, 2 * p + 1, (b,), generator=self.generator))
+        if self.arrays.flip:
+            flip = self._to_device(torch.rand(b, generator=self.generator) < 0.5)
+        return dy, dx, flip
+
+    def batch(self, index: torch.Tensor, draws) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)`` of the samples ``index`` with the per-image ``draws`` (see ``draw``)."""
+        return self._augment(self._normalised(self.images.index_select(0, index)), draws), \
+            self.targets.index_select(0, index)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A CPU draw moved to the device without blocking the host (pinned, asynchronous copy)."""
@@ -92,24 +113,21 @@ class DeviceLoader:
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         return x.sub_(self._mean).div_(self._std)
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        p, b = self.arrays.pad_crop, x.shape[0]
+    def _augment(self, x: torch.Tensor, draws) -> torch.Tensor:
+        (dy, dx, flip), p, b = draws, self.arrays.pad_crop, x.shape[0]
         if p:
             # Zero padding AFTER normalisation: torchvision pads the raw image with 0, which
             # normalises to -mean/std; pad with that value per channel to match it exactly.
             fill = (-self._mean / self._std) if self.images.dtype == torch.uint8 else torch.zeros(1, device=x.device)
             h, w = x.shape[-2:]
             padded = F.pad(x - fill, (p, p, p, p)) + fill
-            dy = self._to_device(torch.randint(0, 2 * p + 1, (b,), generator=self.generator))
-            dx = self._to_device(torch.randint(0, 2 * p + 1, (b,), generator=self.generator))
             rows = (dy.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1)
             cols = (dx.view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w)
             batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
             chan = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
             x = padded[batch, chan, rows, cols]
-        if self.arrays.flip:
-            flip = self._to_device(torch.rand(b, generator=self.generator) < 0.5).view(b, 1, 1, 1)
-            x = torch.where(flip, x.flip(-1), x)
+        if flip is not None:
+            x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
         return x
 
 

@@ -31,6 +31,7 @@ class EpochStats:
     accuracy: float
     seconds: float
     steps: int
+    images: int = 0
 
 
 def pick_device(use_gpu: bool | None = None) -> torch.device:
@@ -91,7 +92,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
         if steps % NONFINITE_CHECK_EVERY == 0:
             _raise_if_nonfinite(bad, first_bad, steps)
     _raise_if_nonfinite(bad, first_bad, steps)
-    return EpochStats(float(total_loss) / max(1, seen), int(correct) / max(1, seen), time.perf_counter() - start, steps)
+    return EpochStats(float(total_loss) / max(1, seen), int(correct) / max(1, seen), time.perf_counter() - start, steps,
+                      seen)
 
 
 def _raise_if_nonfinite(bad: torch.Tensor, first_bad: torch.Tensor, steps: int) -> None:

@@ -37,10 +37,10 @@ from .base_model import build_model, fetch_base_model
 from .device_data import trial_loader
 from .model_io import load_model, model_spec, save_model
 from .settings import TrainSettings, TrialSettings
-from .train import NonFiniteLossError, cosine_lr, evaluate, pick_device, train_epoch, train_steps
+from .train import EpochStats, NonFiniteLossError, cosine_lr, evaluate, pick_device, train_epoch, train_steps
 from .workspace import load_data
 
-__all__ = ["run_trial", "TrialSettings", "Reporter", "STATE_FILE", "MODEL_DIR"]
+__all__ = ["run_trial", "run_started", "TrialSettings", "Reporter", "STATE_FILE", "MODEL_DIR"]
 
 log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, Any], Callable[[Path], None]], None]
@@ -81,7 +81,11 @@ def _start_model(settings: TrialSettings, method: PruningMethod) -> torch.nn.Mod
 def run_trial(settings: TrialSettings, method_name: str, hparams: dict[str, Any], report: Reporter,
               resume_from: Path | None = None) -> dict[str, Any]:
     """Run one trial to the end and return its final metrics (also passed to ``report``)."""
-    trial = _Trial.start(settings, method_name, hparams, report, resume_from)
+    return run_started(_Trial.start(settings, method_name, hparams, report, resume_from))
+
+
+def run_started(trial: "_Trial") -> dict[str, Any]:
+    """Run a started trial (fresh or resumed) to the end; its final metrics."""
     try:
         if not trial.pruned and trial.plan.phase_epochs == 0:
             trial.prune()
@@ -177,14 +181,26 @@ class _Trial:
         if stage == "finetune":
             for group in self.optimizer.param_groups:
                 group["lr"] = cosine_lr(plan.finetune.lr, epoch - plan.phase_epochs, plan.finetune.epochs)
-        stats = train_epoch(self._stepping_model(stage), self.train_loader, self.optimizer, device=self.device,
-                            method=self.method if stage == "phase" else None)
+        stats = self._train(stage)
         if stage == "phase":
             self.method.on_epoch_end(self.model, epoch, stats.loss)
             if epoch + 1 == plan.phase_epochs:
                 self.prune()
-        accuracy, val_loss = evaluate(self.model, self.val_loader, device=self.device)
         self.state["epoch"] = epoch + 1
+        metrics = self._epoch_metrics(epoch, stage, stats)
+        self.state["history"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        self._report(metrics)
+        return metrics
+
+    def _train(self, stage: str) -> EpochStats:
+        """One epoch of training (the method's hooks in the phase)."""
+        return train_epoch(self._stepping_model(stage), self.train_loader, self.optimizer, device=self.device,
+                           method=self.method if stage == "phase" else None)
+
+    def _epoch_metrics(self, epoch: int, stage: str, stats: EpochStats) -> dict[str, Any]:
+        """What epoch ``epoch`` reports: evaluation, cost and, after the last epoch, the final metrics."""
+        plan = self.plan
+        accuracy, val_loss = evaluate(self.model, self.val_loader, device=self.device)
         # ``finetune_epoch``: epochs after the cut (0 in the phase), what early-stopping rungs count.
         metrics = {"epoch": epoch + 1, "stage": stage, "finetune_epoch": max(0, epoch + 1 - plan.phase_epochs),
                    "loss": stats.loss, "train_accuracy": stats.accuracy,
@@ -195,8 +211,6 @@ class _Trial:
                         self.method_name, int(self.dense_macs), self.method.hparams.get("prune_ratio", "-"))
         if epoch + 1 == plan.total:
             metrics.update(self._final_metrics())
-        self.state["history"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        self._report(metrics)
         return metrics
 
     def report_final(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from ray import tune
 from .settings import TrialSettings
 from .trial import run_trial
 
-__all__ = ["trial_fn", "method_hparams"]
+__all__ = ["trial_fn", "data_parallel_trial_fn", "method_hparams"]
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +65,30 @@ def trial_fn(config: dict[str, Any], settings: TrialSettings, checkpoint_period_
     with checkpoint.as_directory() as ckpt_dir:
         log.info("trial %s restarts from %s", os.environ.get("TUNE_TRIAL_ID", "?"), ckpt_dir)
         run_trial(settings, method, hparams, report, resume_from=Path(ckpt_dir))
+
+
+def data_parallel_trial_fn(config: dict[str, Any], settings: TrialSettings, parallel,
+                           checkpoint_period_s: float = 0.0) -> None:
+    """Entry point of a data-parallel trial (``parallel``: a ``trainables.distributed.DataParallel``):
+    this Tune trial runs a Ray Train TorchTrainer whose ranks run the trial, and reports what rank 0
+    reports, with its checkpoints (copied into Tune's trial folder), as ``trial_fn`` would."""
+    from .distributed import fit_data_parallel
+    from .train import NonFiniteLossError
+
+    method, hparams = method_hparams(config)
+
+    def report(metrics: dict[str, Any], checkpoint) -> None:
+        if checkpoint is None:
+            tune.report(metrics)
+            return
+        tune.report(metrics, checkpoint=tune.Checkpoint(checkpoint.path, filesystem=checkpoint.filesystem))
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        log.info("trial %s restarts from %s", os.environ.get("TUNE_TRIAL_ID", "?"), checkpoint.path)
+    try:
+        fit_data_parallel(settings, method, hparams, parallel, report, resume_from=checkpoint,
+                          checkpoint_period_s=checkpoint_period_s)
+    except NonFiniteLossError as exc:  # recorded FAILED, not retried (see _Trial.failed)
+        log.warning("%s: %s", method, exc)
+        tune.report(exc.failure)
