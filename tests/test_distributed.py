@@ -96,7 +96,10 @@ def runs(settings, ray_local, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("method", ["l1_norm", "slimming", "scratch"])
+# slimming (a phase whose hook touches parameters, then a cut) runs by default; the other two are `slow`
+# (each adds ~40 s of real Ray Train runs to the suite on 2 cores).
+@pytest.mark.parametrize("method", [pytest.param("l1_norm", marks=pytest.mark.slow), "slimming",
+                                    pytest.param("scratch", marks=pytest.mark.slow)])
 def test_two_ranks_compute_what_one_process_computes_on_the_global_batch(method, runs, settings):
     (one, one_ckpts), (two, two_ckpts) = runs(method)
     assert len(two) == len(one) > 0
@@ -135,6 +138,7 @@ def test_data_parallel_trial_resumes_where_it_stopped(runs, settings, tmp_path):
         assert torch.equal(x, y), name
 
 
+@pytest.mark.slow
 def test_a_stopped_trial_ends_its_ranks_and_frees_their_cpus(settings, ray_local):
     """Tune stopping a trial (early stopping) ends the driver's ``tune.report`` with an exception:
     the ranks must stop at their next report instead of training their remaining epochs."""
@@ -256,6 +260,7 @@ def test_a_data_parallel_sweep_records_its_trial_like_a_one_process_one(ray_loca
     assert not any((Path(result.experiment_dir) / "ddp_runs").iterdir())
 
 
+@pytest.mark.slow
 def test_a_nonfinite_loss_on_the_ranks_fails_the_trial_with_its_reason(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
 
