@@ -76,6 +76,56 @@ def test_three_objectives_and_accuracy_only():
     assert [lat.decide(t, _ft(1, a, 1.0)) for t, a in [("x", 0.5), ("y", 0.6), ("z", 0.4)]] == [CONTINUE, CONTINUE, STOP]
 
 
+def test_from_scratch_trials_are_judged_only_against_each_other():
+    """Pruning from Scratch trains from fresh weights: after one epoch it is far below any fine-tuned
+    trial. Its trials have rungs of their own (the cohort), so they are compared with each other only."""
+    from types import SimpleNamespace
+
+    s = MultiObjectiveHalving(["accuracy", "macs"], grace_epochs=1, reduction_factor=2)
+    assert s.decide("f1", _ft(1, 0.90, 100)) == CONTINUE
+    assert s.decide("f2", _ft(1, 0.88, 100)) == STOP                      # dominated by f1: worst 1 of 2
+    assert s.decide("s1", _ft(1, 0.30, 100), from_scratch=True) == CONTINUE  # first of its cohort at rung 1
+    assert s.decide("s2", _ft(1, 0.35, 100), from_scratch=True) == CONTINUE  # best of 2: s1 is the worst
+    assert s.decide("s3", _ft(1, 0.20, 100), from_scratch=True) == STOP   # worst 1 of 3: s3 (not s1, not f2)
+    assert s.decide("f3", _ft(1, 0.95, 100)) == CONTINUE                  # 3 fine-tuned: f2 stays the worst
+    assert s.stopped == {"f2": (1, 1), "s3": (1, 1)}
+    assert list(s.rungs[0].results) == ["f1", "f2", "f3"]
+    assert list(s.scratch_rungs[0].results) == ["s1", "s2", "s3"]
+    # The method decides the cohort (Tune's trial config names it); unknown names are fine-tuned ones.
+    trial = SimpleNamespace(trial_id="s4", config={"method": "scratch", "scratch.prune_ratio": 0.5})
+    assert s.on_trial_result(None, trial, _ft(1, 0.10, 100)) == STOP       # worst of the 4 from scratch
+    trial = SimpleNamespace(trial_id="f4", config={"method": "l1_norm"})
+    assert s.on_trial_result(None, trial, _ft(1, 0.10, 100)) == STOP       # worst of the 4 fine-tuned
+    assert set(s.scratch_rungs[0].results) == {"s1", "s2", "s3", "s4"}
+    # One set of rungs for all (the rule before): s1 would have been stopped against f1 and f2.
+    one = MultiObjectiveHalving(["accuracy", "macs"], grace_epochs=1, reduction_factor=2)
+    assert [one.decide(t, _ft(1, a, 100)) for t, a in [("f1", 0.90), ("f2", 0.88), ("s1", 0.30)]] == [
+        CONTINUE, STOP, STOP]
+
+
+def test_scheduler_state_round_trip_decides_as_the_original():
+    """get_state / set_state (what Tune's experiment checkpoint carries through the recorder): a
+    restored scheduler holds the same records and makes the same next decisions."""
+    import pickle
+
+    from search.early_stopping import StoppedTrialRecorder
+
+    s = MultiObjectiveHalving(["accuracy", "macs"], grace_epochs=1, reduction_factor=2)
+    for tid, acc, macs in [("t1", 0.8, 100), ("t2", 0.7, 100), ("t3", 0.9, 200)]:
+        s.decide(tid, _ft(1, acc, macs))
+    s.decide("t1", _ft(2, 0.85, 100))
+    s.decide("s1", _ft(1, 0.3, 100), from_scratch=True)
+    state = pickle.loads(pickle.dumps(StoppedTrialRecorder("sqlite:///x.db", "p", s).get_state()))
+    restored = MultiObjectiveHalving(["accuracy", "macs"], grace_epochs=1, reduction_factor=2)
+    StoppedTrialRecorder("sqlite:///x.db", "p", restored).set_state(state)
+    assert restored.get_state() == s.get_state()
+    assert restored.stopped == {"t2": (1, 1)}
+    for tid, result, scratch in [("t4", _ft(1, 0.75, 150), False), ("t3", _ft(2, 0.80, 200), False),
+                                 ("s2", _ft(1, 0.2, 100), True)]:
+        assert restored.decide(tid, result, scratch) == s.decide(tid, result, scratch)
+    assert restored.stopped == s.stopped == {"t2": (1, 1), "t4": (1, 1), "t3": (2, 2), "s2": (1, 1)}
+
+
 @pytest.mark.parametrize("override, message", [
     ("early_stopping.type=asha", "early_stopping.type: expected one of none, successive_halving, got 'asha'"),
     ("early_stopping.grace_epochs=0", "early_stopping.grace_epochs: must be an integer >= 1, got 0"),
