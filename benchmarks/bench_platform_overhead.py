@@ -174,7 +174,10 @@ def main():
     base_root = Path(settings.base_dir)
     bases_before = sorted(p.name for p in base_root.iterdir() if not p.name.startswith("."))
     load_before = os.getloadavg()
-    results = [one_repeat(args, settings, root, r) for r in range(args.repeats)]
+    results = []
+    for r in range(args.repeats):
+        results.append(one_repeat(args, settings, root, r))
+        print(f"repeat {r}: load {os.getloadavg()[0]:.2f}, " + json.dumps(results[-1]), flush=True)
     loads = (tuple(round(x, 2) for x in load_before), tuple(round(x, 2) for x in os.getloadavg()))
     bases_after = sorted(p.name for p in base_root.iterdir() if not p.name.startswith("."))
     report(args, results, loads)
