@@ -1,16 +1,36 @@
 """Platform overhead: the same N trials run by the sweep (Ray Tune + Optuna + MLflow) and by a
-plain pool of Python processes calling the same trial function, side by side in one run.
+plain pool of Python processes calling the same trial function, side by side, repeated.
 
-    python benchmarks/bench_platform_overhead.py [--trials 6] [--epochs 20] [--concurrency 2]
+    python benchmarks/bench_platform_overhead.py [--trials 6] [--epochs 20] [--concurrency 2] [--repeats 3]
+        [--compare-with OTHER_CHECKOUT]
 
 Every trial is identical (l1_norm, prune_ratio fixed at 0.5) so both sides do the same work. The
-dense base model is trained once beforehand and shared by both (its time is not in either number);
-the script also counts how many base models the sweep trained (expected: 0 new, it reuses).
+dense base model is trained once beforehand and shared by both (its training is in neither number).
+Each repeat runs the plain pool, then the sweep in a fresh driver process (``python this --child``:
+its imports count, as they do for ``prunetune run``) with a fresh MLflow SQLite database.
+
+Per side: wall time; per-trial cost = the median trial time once a worker is warm (the sweep's
+trials from their MLflow runs' start/end, leaving out the first ``concurrency`` trials, which each
+start a worker); fixed cost = wall - waves x per-trial cost (waves = ceil(trials / concurrency)).
+The sweep's fixed cost is split into its parts: driver imports (before ``run_sweep``), the MLflow
+database and parent run, Ray start (in a thread, overlapping the rest) and what the driver waited
+for it, the dense base check, Tune beyond waves x per-trial (worker start-up, scheduling), the front,
+Ray stop, and the rest (interpreter start, preflight, exit). Min / median / max over repeats, and
+the load average before and after (the machine is shared).
+
+``--compare-with DIR`` also runs, in each repeat right after this checkout's sweep, the same sweep
+with ``PYTHONPATH=DIR`` (e.g. ``git worktree add /tmp/old <commit>``), so a change to the platform
+is measured before/after side by side under the same load.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -18,6 +38,7 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+T_PROCESS = time.perf_counter()
 
 
 def _plain_trial(settings):
@@ -31,45 +52,136 @@ def _plain_trial(settings):
     return time.perf_counter() - t0
 
 
+def _overrides(args, root: Path, repeat: int, tag: str = "") -> list[str]:
+    return ["methods=[l1_norm]", "space.prune_ratio=0.5", f"num_trials={args.trials}",
+            f"max_concurrent_trials={args.concurrency}", f"finetune.epochs={args.epochs}", "early_stopping.type=none",
+            "sampler=random", f"tracking_uri=sqlite:///{root}/mlflow-{tag}{repeat}.db",
+            f"storage_path={root}/ray_results", f"name=overhead{tag}{repeat}"]
+
+
+def child(overrides: list[str], out: str) -> None:
+    """The sweep side: a fresh driver, timed from its first line."""
+    from search.config import load_config
+    from search.sweep import run_sweep
+
+    imports = time.perf_counter() - T_PROCESS
+    cfg = load_config("configs/quickstart.yaml", overrides)
+    result = run_sweep(cfg)
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import child_runs
+
+    runs = sorted(child_runs(MlflowClient(cfg.tracking_uri), result.parent_run_id), key=lambda r: r.info.start_time)
+    trials = [((r.info.end_time or 0) - r.info.start_time) / 1000 for r in runs]
+    Path(out).write_text(json.dumps({"imports": imports, "timings": getattr(result, "timings", {}), "trials": trials,
+                                     "finished": result.finished}))
+
+
+def _steady(times: list[float], concurrency: int) -> float:
+    later = times[concurrency:] or times
+    return statistics.median(later)
+
+
+def _sweep_child(args, root: Path, repeat: int, pythonpath: str | None, tag: str) -> tuple[float, dict]:
+    out = root / f"child-{tag}{repeat}.json"
+    env = dict(os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {}))
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--child", str(out), *_overrides(args, root, repeat, tag)],
+                   check=True, env=env)
+    return time.perf_counter() - t0, json.loads(out.read_text())
+
+
+def one_repeat(args, settings, root: Path, repeat: int) -> dict:
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(args.concurrency) as pool:
+        pool_times = list(pool.map(_plain_trial, [settings] * args.trials))
+    plain = time.perf_counter() - t0
+    # The pool's trial times leave out its workers' imports (counted in its wall, i.e. its fixed cost).
+    pool_trial = statistics.median(pool_times)
+    out = _measure(args, plain, pool_trial, *_sweep_child(args, root, repeat, None, ""))
+    if args.compare_with:
+        out["other"] = _measure(args, plain, pool_trial, *_sweep_child(args, root, repeat, args.compare_with, "other"))
+    return out
+
+
+def _measure(args, plain: float, pool_trial: float, sweep: float, rec: dict) -> dict:
+    waves = math.ceil(args.trials / args.concurrency)
+    sweep_trial = _steady(rec["trials"], args.concurrency)
+    t = rec["timings"]  # empty for a checkout whose sweep does not time its parts
+    parts = {"imports": rec["imports"]}
+    if t:
+        parts.update({"mlflow": t.get("tracking", 0.0), "ray_start": t.get("ray_start", 0.0),
+                      "ray_wait": t.get("ray_wait", 0.0), "base": t.get("base", 0.0),
+                      "tune_extra": t.get("tune", 0.0) - waves * sweep_trial, "front": t.get("front", 0.0),
+                      "ray_stop": t.get("ray_stop", 0.0)})
+    fixed = sweep - waves * sweep_trial
+    parts["rest"] = fixed - sum(v for k, v in parts.items() if k != "ray_start")  # ray_start overlaps
+    return {"plain": plain, "sweep": sweep, "ratio": sweep / plain, "pool_trial": pool_trial,
+            "sweep_trial": sweep_trial, "trial_ratio": sweep_trial / pool_trial,
+            "pool_fixed": plain - waves * pool_trial, "fixed": fixed, "parts": parts,
+            "first_trials": rec["trials"][:args.concurrency], "finished": rec["finished"]}
+
+
+def _mmm(values) -> str:
+    v = sorted(values)
+    return f"{v[0]:6.2f} / {statistics.median(v):6.2f} / {v[-1]:6.2f}"
+
+
+def report(args, results: list[dict], loads: tuple) -> None:
+    print(f"\n{args.trials} identical trials, {args.concurrency} at a time, {args.epochs} fine-tune epochs each; "
+          f"{len(results)} repeats; load average before {loads[0]}, after {loads[1]}")
+    print("                                   min /  median /    max")
+    rows = [("plain process pool wall (s)", "plain"), ("prunetune sweep wall (s)", "sweep"),
+            ("ratio sweep/plain", "ratio"), ("per-trial, plain pool (s)", "pool_trial"),
+            ("per-trial, sweep (s)", "sweep_trial"), ("per-trial ratio sweep/plain", "trial_ratio"),
+            ("fixed cost, plain pool (s)", "pool_fixed"), ("fixed cost, sweep (s)", "fixed")]
+    for label, key in rows:
+        print(f"{label:32s} {_mmm([r[key] for r in results])}")
+    print("sweep fixed cost by part (s; ray_start runs beside mlflow/base, ray_wait is what the driver waited):")
+    for part in results[0]["parts"]:
+        print(f"  {part:30s} {_mmm([r['parts'][part] for r in results])}")
+    print("first trial on each worker (s):", [[round(x, 1) for x in r["first_trials"]] for r in results])
+    print("trials finished per sweep:", [r["finished"] for r in results])
+    if "other" in results[0]:
+        print(f"\nthe same sweep from {args.compare_with} (run right after, each repeat):")
+        for label, key in rows[1:3] + rows[4:6] + rows[7:]:
+            print(f"{label:32s} {_mmm([r['other'][key] for r in results])}")
+        for part in results[0]["other"]["parts"]:
+            print(f"  {part:30s} {_mmm([r['other']['parts'][part] for r in results])}")
+        print("this / other, sweep wall:      ", _mmm([r["sweep"] / r["other"]["sweep"] for r in results]))
+        print("this - other, fixed cost (s):  ", _mmm([r["fixed"] - r["other"]["fixed"] for r in results]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=6)
-    ap.add_argument("--epochs", type=int, default=20, help="fine-tune epochs per trial (~1 s each on digits)")
+    ap.add_argument("--epochs", type=int, default=20, help="fine-tune epochs per trial (~0.7 s each on digits)")
     ap.add_argument("--concurrency", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compare-with", metavar="DIR", help="another checkout whose sweep runs beside this one's")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(args.child[1:], args.child[0])
 
     from search.config import load_config
-    from search.sweep import run_sweep, settings_from_config
+    from search.sweep import settings_from_config
     from trainables.base_model import ensure_base_model
 
     root = Path(tempfile.mkdtemp(prefix="prunetune-bench-"))
-    cfg = load_config("configs/quickstart.yaml", [
-        "methods=[l1_norm]", "space.prune_ratio=0.5", f"num_trials={args.trials}",
-        f"max_concurrent_trials={args.concurrency}", f"finetune.epochs={args.epochs}", "early_stopping.type=none", "sampler=random",
-        f"tracking_uri=sqlite:///{root}/mlflow.db", f"storage_path={root}/ray_results", "name=overhead"])
-    settings = settings_from_config(cfg)
+    settings = settings_from_config(load_config("configs/quickstart.yaml", _overrides(args, root, 0)))
     ensure_base_model(settings)
     base_root = Path(settings.base_dir)
     bases_before = sorted(p.name for p in base_root.iterdir() if not p.name.startswith("."))
-
-    t0 = time.perf_counter()
-    with ProcessPoolExecutor(args.concurrency) as pool:
-        trial_times = list(pool.map(_plain_trial, [settings] * args.trials))
-    plain = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    result = run_sweep(cfg)
-    sweep = time.perf_counter() - t0
+    load_before = os.getloadavg()
+    results = []
+    for r in range(args.repeats):
+        results.append(one_repeat(args, settings, root, r))
+        print(f"repeat {r}: load {os.getloadavg()[0]:.2f}, " + json.dumps(results[-1]), flush=True)
+    loads = (tuple(round(x, 2) for x in load_before), tuple(round(x, 2) for x in os.getloadavg()))
     bases_after = sorted(p.name for p in base_root.iterdir() if not p.name.startswith("."))
-
-    mean_trial = sum(trial_times) / len(trial_times)
-    print(f"\n{args.trials} identical trials, {args.concurrency} at a time, {args.epochs} fine-tune epochs each "
-          f"(mean trial {mean_trial:.1f}s in the plain pool)")
-    print(f"plain process pool : {plain:7.1f} s")
-    print(f"prunetune sweep    : {sweep:7.1f} s  (includes Ray start, MLflow records, front)")
-    print(f"ratio sweep/plain  : {sweep / plain:7.2f}x")
-    print(f"trials finished in the sweep: {result.finished}; base models trained by the sweep: "
-          f"{len(bases_after) - len(bases_before)} (reused: {bases_after == bases_before})")
+    report(args, results, loads)
+    print(f"base models trained by the sweeps: {len(bases_after) - len(bases_before)}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,17 @@ are recorded there and compared with every trial recorded at that rung so far, i
 2. the trial is stopped when its place falls in the worst ``floor(n * (1 - 1 / reduction_factor))``
    of the ``n`` (so the first trial at a rung always continues, as in ASHA).
 
+Methods that train the pruned network from fresh weights (``from_scratch``: Pruning from Scratch)
+are compared only with each other, at rungs of their own: after k epochs such a trial is still
+early in training from random weights (with the base + fine-tune budget, see
+``trainables.trial``), while a fine-tuned trial starts near its final accuracy, so one set of rungs
+would stop every from-scratch trial at the first rung whatever it would become. Within each of the
+two cohorts the rule above is unchanged (the first from-scratch trial at a rung always continues).
+
+The rung records (and who was stopped where) are the scheduler's state: ``StoppedTrialRecorder``
+hands them to Tune's experiment checkpoint (``get_state``/``set_state``), so ``prunetune resume``
+restores them and a resumed sweep decides as the uninterrupted one would have.
+
 A trial's final result (it carries ``test_accuracy``) is never stopped. A stopped trial ends with
 Tune's STOP: the searcher tells Optuna PRUNED (its last result has no ``test_accuracy``) and
 :class:`StoppedTrialRecorder` marks its MLflow run KILLED with ``prunetune.stopped_at_rung`` (1 for
@@ -33,12 +44,13 @@ from . import objectives as _obj
 from .pareto import contributions, ranks
 
 __all__ = ["MultiObjectiveHalving", "StoppedTrialRecorder", "rung_order", "stopped_at_rung", "milestones",
-           "STOPPED_RUNG_TAG", "STOPPED_EPOCH_TAG"]
+           "STOPPED_RUNG_TAG", "STOPPED_EPOCH_TAG", "FROM_SCRATCH"]
 
 log = logging.getLogger(__name__)
 STOPPED_RUNG_TAG = "prunetune.stopped_at_rung"
 STOPPED_EPOCH_TAG = "prunetune.stopped_at_epoch"
 FINAL_KEY = "test_accuracy"
+FROM_SCRATCH = "from_scratch"  # the cohort of methods that train the pruned net from fresh weights
 
 
 def milestones(grace_epochs: int, reduction_factor: float, limit: int = 10_000) -> list[int]:
@@ -94,9 +106,30 @@ class MultiObjectiveHalving(FIFOScheduler):
             raise ArgumentError(f"early stopping needs an objective every epoch reports, got {list(objectives)}")
         self.grace_epochs = int(grace_epochs)
         self.reduction_factor = float(reduction_factor)
-        self.rungs = [_Rung(m) for m in milestones(self.grace_epochs, self.reduction_factor)]
+        self.rungs = self._new_rungs()          # trials fine-tuned from the dense model
+        self.scratch_rungs = self._new_rungs()  # trials trained from fresh weights (their own cohort)
         self.stopped: dict[str, tuple[int, int]] = {}  # trial id -> (rung number from 1, fine-tune epochs)
         self._first_finetune: dict[str, int] = {}
+
+    def _new_rungs(self) -> list[_Rung]:
+        return [_Rung(m) for m in milestones(self.grace_epochs, self.reduction_factor)]
+
+    def get_state(self) -> dict[str, Any]:
+        """The rung records and decisions (plain data), for Tune's experiment checkpoint."""
+        return {"rungs": [(r.epoch, list(r.results.items())) for r in self.rungs],
+                "scratch_rungs": [(r.epoch, list(r.results.items())) for r in self.scratch_rungs],
+                "stopped": dict(self.stopped), "first_finetune": dict(self._first_finetune)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``get_state`` returned (rung epochs must match: same config)."""
+        for attr in ("rungs", "scratch_rungs"):
+            rungs = self._new_rungs()
+            for rung, (epoch, results) in zip(rungs, state.get(attr, ())):
+                if rung.epoch == epoch:
+                    rung.results = {tid: tuple(v) for tid, v in results}
+            setattr(self, attr, rungs)
+        self.stopped = {tid: tuple(v) for tid, v in state.get("stopped", {}).items()}
+        self._first_finetune = dict(state.get("first_finetune", {}))
 
     def _finetune_epoch(self, trial_id: str, result: dict[str, Any]) -> int | None:
         if result.get("stage") != "finetune":
@@ -107,14 +140,18 @@ class MultiObjectiveHalving(FIFOScheduler):
         return epoch - self._first_finetune.setdefault(trial_id, epoch) + 1
 
     def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
-        return self.decide(trial.trial_id, result)
+        return self.decide(trial.trial_id, result, from_scratch=_from_scratch((trial.config or {}).get("method")))
 
-    def decide(self, trial_id: str, result: dict[str, Any]) -> str:
-        """CONTINUE or STOP for one reported result (the scheduler's whole logic, without Tune)."""
+    def decide(self, trial_id: str, result: dict[str, Any], from_scratch: bool = False) -> str:
+        """CONTINUE or STOP for one reported result (the scheduler's whole logic, without Tune).
+        ``from_scratch``: the trial's method trains from fresh weights (compared only with its like)."""
         ft = self._finetune_epoch(trial_id, result)
         if ft is None or FINAL_KEY in result or result.get("nonfinite"):
             return TrialScheduler.CONTINUE
-        for number, rung in enumerate(self.rungs, start=1):
+        rungs = getattr(self, "scratch_rungs", None) if from_scratch else self.rungs
+        if rungs is None:  # a scheduler pickled before the cohorts existed
+            rungs = self.scratch_rungs = self._new_rungs()
+        for number, rung in enumerate(rungs, start=1):
             if rung.epoch != ft or trial_id in rung.results:
                 continue
             values = tuple(float(result.get(_obj.get(n).metric, math.nan)) for n in self.names)
@@ -127,9 +164,9 @@ class MultiObjectiveHalving(FIFOScheduler):
             reference = _obj.reference(self.names, {}, points)
             if stopped_at_rung(points, ids.index(trial_id), directions, reference, self.reduction_factor):
                 self.stopped[trial_id] = (number, ft)
-                log.debug("trial %s stopped at rung %d (fine-tune epoch %d): among the worst %d of %d there",
-                         trial_id, number, ft, math.floor(len(ids) * (1 - 1 / self.reduction_factor) + 1e-9),
-                         len(ids))
+                log.debug("trial %s stopped at rung %d (fine-tune epoch %d): among the worst %d of %d there%s",
+                          trial_id, number, ft, math.floor(len(ids) * (1 - 1 / self.reduction_factor) + 1e-9),
+                          len(ids), " (from-scratch cohort)" if from_scratch else "")
                 return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
 
@@ -138,15 +175,39 @@ class MultiObjectiveHalving(FIFOScheduler):
                 f"{[r.epoch for r in self.rungs[:6]]}, {len(self.stopped)} stopped")
 
 
+def _from_scratch(method: str | None) -> bool:
+    """Whether ``method`` trains the pruned network from fresh weights (unknown names: no)."""
+    if not method:
+        return False
+    from methods.registry import get_method_class
+
+    try:
+        return bool(get_method_class(method).from_scratch)
+    except Exception:  # noqa: BLE001  (a name the registry does not know: the fine-tuned cohort)
+        return False
+
+
 class StoppedTrialRecorder(Callback):
     """Marks the MLflow runs of trials the scheduler stopped: status KILLED, tags
     ``STOPPED_RUNG_TAG`` and ``STOPPED_EPOCH_TAG``. Listed after the MLflow trial logger (which has
-    set the run FINISHED by then)."""
+    set the run FINISHED by then). Also carries the scheduler's state through Tune's experiment
+    checkpoints (Tune saves callbacks' states, not schedulers'; both are restored from the one
+    ``tuner.pkl``, so ``self.scheduler`` is the scheduler Tune restores)."""
 
     def __init__(self, tracking_uri: str, parent_run_id: str, scheduler: MultiObjectiveHalving):
         self.tracking_uri = tracking_uri
         self.parent_run_id = parent_run_id
         self.scheduler = scheduler
+
+    def get_state(self) -> dict[str, Any] | None:
+        return {"scheduler": self.scheduler.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if "scheduler" in state:
+            self.scheduler.set_state(state["scheduler"])
+            log.info("early stopping: rung records restored (%d trials recorded, %d stopped)",
+                     len({t for r in self.scheduler.rungs + self.scheduler.scratch_rungs for t in r.results}),
+                     len(self.scheduler.stopped))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         stop = self.scheduler.stopped.get(trial.trial_id)

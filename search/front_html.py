@@ -82,11 +82,13 @@ def _status(run, objective: str) -> tuple[str, str]:
     return "finished", ""
 
 
-def sweep_trials(client: MlflowClient, parent_run_id: str, objective: str = "macs") -> list[TrialRecord]:
-    """Every trial run of the sweep (any status), cheapest first, then by run name."""
+def sweep_trials(client: MlflowClient, parent_run_id: str, objective: str = "macs",
+                 runs: Sequence | None = None) -> list[TrialRecord]:
+    """Every trial run of the sweep (any status), cheapest first, then by run name. ``runs``: its
+    child runs, if the caller has read them already."""
     check_objective(objective)
     records = []
-    for run in child_runs(client, parent_run_id):
+    for run in runs if runs is not None else child_runs(client, parent_run_id):
         m, tags = run.data.metrics, run.data.tags
         status, reason = _status(run, objective)
         params = tuple(sorted((k, v) for k, v in run.data.params.items() if k != "method"))
@@ -246,16 +248,18 @@ def dense_point(client: MlflowClient, parent_run_id: str, objective: str,
 
 
 def sweep_figure(client: MlflowClient, parent_run_id: str, objective: str = "macs",
-                 dense_macs: float | None = None, front: Sequence[str] | None = None) -> dict:
+                 dense_macs: float | None = None, front: Sequence[str] | None = None,
+                 runs: Sequence | None = None) -> dict:
     """The figure of one sweep: its trials by method, its front, its dense model, and the
-    experiment's earlier sweeps (same objective) faded behind it."""
+    experiment's earlier sweeps (same objective) faded behind it. ``runs``: the sweep's child runs,
+    if the caller has read them already."""
     parent = client.get_run(parent_run_id)
     name = parent.info.run_name or parent_run_id[:8]
     series = [SeriesSpec(label, sweep_trials(client, run_id, objective), front_ids(client, run_id, objective),
                          faded=True, by_method=False)
               for run_id, label in earlier_sweeps(client, parent_run_id, objective)]
     ids = list(front) if front is not None else front_ids(client, parent_run_id, objective)
-    series.append(SeriesSpec(name, sweep_trials(client, parent_run_id, objective), ids,
+    series.append(SeriesSpec(name, sweep_trials(client, parent_run_id, objective, runs), ids,
                              dense=dense_point(client, parent_run_id, objective, dense_macs)))
     exp = client.get_experiment(parent.info.experiment_id).name
     cost = "MACs" if objective == "macs" else "latency ratio"

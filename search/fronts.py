@@ -90,14 +90,15 @@ class TrialPoint:
 
 
 def sweep_points(client: MlflowClient, parent_run_id: str, objective: str | Sequence[str] = "macs",
-                 feasible_only: bool = False) -> list[TrialPoint]:
+                 feasible_only: bool = False, runs: Sequence | None = None) -> list[TrialPoint]:
     """Every FINISHED trial of the sweep that ran to its end (its final result logged
     ``test_accuracy``) and reported every objective and its MACs, cheapest first. With
-    ``feasible_only`` the trials tagged outside the constraints are left out."""
+    ``feasible_only`` the trials tagged outside the constraints are left out. ``runs``: the sweep's
+    child runs when the caller has read them already (else they are read here)."""
     names = objective_names(objective)
     needed = {"accuracy", "macs", "test_accuracy", *_obj.metrics(names)}
     points = []
-    for run in child_runs(client, parent_run_id):
+    for run in runs if runs is not None else child_runs(client, parent_run_id):
         m = run.data.metrics
         if run.info.status != "FINISHED" or not needed <= set(m):
             continue
@@ -129,15 +130,17 @@ def front_of(points: Sequence[TrialPoint], names: Sequence[str]) -> list[TrialPo
 
 def record_front(client: MlflowClient, parent_run_id: str, out_dir: Path,
                  dense_macs: float | Mapping[str, float] | None = None, objective: str | Sequence[str] = "macs",
-                 constraints=None) -> dict:
+                 constraints=None, runs: Sequence | None = None) -> dict:
     """Tag the front of the sweep's objectives (feasible trials only), log its CSV, PNG and
     hypervolume to the parent run; return a summary. With ``constraints`` (a
-    ``search.constraints.ConstraintsConfig``) every finished trial is first tagged ``FEASIBLE_TAG``."""
+    ``search.constraints.ConstraintsConfig``) every finished trial is first tagged ``FEASIBLE_TAG``.
+    The child runs are read once (or ``runs``, read by the caller, are used)."""
     names = objective_names(objective)
-    points = sweep_points(client, parent_run_id, names)
+    runs = list(runs) if runs is not None else child_runs(client, parent_run_id)
+    points = sweep_points(client, parent_run_id, names, runs=runs)
     if constraints is not None and constraints.active:
-        _tag_feasibility(client, parent_run_id, constraints)
-    feasible = {p.run_id for p in sweep_points(client, parent_run_id, names, feasible_only=True)}
+        _tag_feasibility(client, runs, constraints)
+    feasible = {p.run_id for p in sweep_points(client, parent_run_id, names, feasible_only=True, runs=runs)}
     candidates = [p for p in points if p.run_id in feasible]
     best = front_of(candidates, names)
     on_front = {p.run_id for p in best}
@@ -155,7 +158,7 @@ def record_front(client: MlflowClient, parent_run_id: str, out_dir: Path,
             from .front_html import HTML_NAME, sweep_figure, write_html
 
             dense_value = dense_macs.get("dense_macs") if isinstance(dense_macs, Mapping) else dense_macs
-            fig = sweep_figure(client, parent_run_id, shorthand, dense_value, [p.run_id for p in best])
+            fig = sweep_figure(client, parent_run_id, shorthand, dense_value, [p.run_id for p in best], runs)
             client.log_artifact(parent_run_id, str(write_html(fig, out_dir / HTML_NAME)))
         except Exception as exc:  # noqa: BLE001
             log.warning("could not write the interactive front of sweep run %s: %s", parent_run_id, exc)
@@ -176,17 +179,20 @@ def record_front(client: MlflowClient, parent_run_id: str, out_dir: Path,
     return summary
 
 
-def _tag_feasibility(client: MlflowClient, parent_run_id: str, constraints) -> None:
+def _tag_feasibility(client: MlflowClient, runs: Sequence, constraints) -> None:
+    """Tag every finished trial in MLflow and in ``runs`` (the caller's copies) alike."""
     from .constraints import constraint_values, feasible
 
-    for run in child_runs(client, parent_run_id):
+    for run in runs:
         if run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics:
             ok = feasible(constraints, run.data.metrics)
-            client.set_tag(run.info.run_id, FEASIBLE_TAG, "true" if ok else "false")
+            tags = {FEASIBLE_TAG: "true" if ok else "false"}
             if not ok:
                 values = constraint_values(constraints, run.data.metrics)
-                client.set_tag(run.info.run_id, VIOLATED_TAG, ", ".join(
-                    name for name, v in zip(constraints.active, values) if v > 1e-12))
+                tags[VIOLATED_TAG] = ", ".join(name for name, v in zip(constraints.active, values) if v > 1e-12)
+            for key, value in tags.items():
+                client.set_tag(run.info.run_id, key, value)
+                run.data.tags[key] = value
 
 
 CSV_COLUMNS = ["run_id", "method", "accuracy", "macs", "params", "test_accuracy", "latency_ms", "dense_latency_ms",

@@ -43,14 +43,16 @@ class Interrupts:
         return self
 
     def install(self) -> None:
-        """(Re)install the handlers: ``ray.init`` replaces the SIGTERM one."""
+        """(Re)install the handlers: ``ray.init`` replaces the SIGTERM one; started off the main
+        thread (``search.sweep``) it leaves Python's record alone but puts its C++ failure handler
+        under it, so the handlers are set again even where ``getsignal`` already names ours."""
         if not self._active:
             return
         for sig in SIGNALS:
             current = signal.getsignal(sig)
             if current != self._handle:
                 self._saved.setdefault(sig, current)
-                signal.signal(sig, self._handle)
+            signal.signal(sig, self._handle)
 
     def __exit__(self, *exc) -> None:
         if not self._active:

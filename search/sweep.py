@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class SweepResult:
     objectives: tuple = ("accuracy", "macs")  # the config's: the front's objectives
     stopped: int = 0     # trials stopped early (search.early_stopping)
     infeasible: int = 0  # finished trials outside the config's constraints (kept off the front)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per platform part (see _RayNode)
 
 
 def settings_from_config(cfg: SweepConfig):
@@ -116,7 +118,7 @@ def _tune_location(exp_dir: str) -> tuple[str, dict[str, Any]]:
     return path, {"storage_filesystem": fs}
 
 
-def _record_front(client, parent: str, exp_dir: str, dense_macs, objective, constraints=None) -> dict:
+def _record_front(client, parent: str, exp_dir: str, dense_macs, objective, constraints=None, runs=None) -> dict:
     """``record_front`` writes the CSV and PNG into a folder and logs them to MLflow; for an object
     store that folder is temporary and its files are also copied to ``exp_dir/front``."""
     from .fronts import record_front
@@ -124,45 +126,129 @@ def _record_front(client, parent: str, exp_dir: str, dense_macs, objective, cons
     local = storage.local_path(exp_dir)
     if local is not None:
         return record_front(client, parent, local / "front", dense_macs=dense_macs, objective=objective,
-                            constraints=constraints)
+                            constraints=constraints, runs=runs)
     with tempfile.TemporaryDirectory(prefix="prunetune-front-") as tmp:
         summary = record_front(client, parent, Path(tmp), dense_macs=dense_macs, objective=objective,
-                               constraints=constraints)
+                               constraints=constraints, runs=runs)
         storage.upload_dir(tmp, storage.join(exp_dir, "front"))
     return summary
 
 
 def _run(cfg: SweepConfig, exp_dir: str, parent_run_id: str | None, restore: bool, warm: list = ()) -> SweepResult:
-    """Open (or reopen) the parent run, then ``_sweep``. However it ends, the parent run says how:
-    FINISHED (with the front), KILLED (SIGINT/SIGTERM: resumable, no front) or FAILED (the reason
-    in its ``failure_reason`` tag); children still RUNNING are closed as KILLED."""
+    """Start Ray (in a thread, ``_RayNode``) and, meanwhile, open (or reopen) the parent run; then
+    ``_sweep``. However it ends, the parent run says how: FINISHED (with the front), KILLED
+    (SIGINT/SIGTERM: resumable, no front) or FAILED (the reason in its ``failure_reason`` tag);
+    children still RUNNING are closed as KILLED. Ray is stopped on every path."""
     from .store import open_client
     from .tracking import open_parent_run
 
     interrupts = Interrupts()
     with interrupts:
-        client = open_client(cfg.tracking_uri)
-        parent = open_parent_run(client, cfg.name, parent_run_id, _flatten(cfg.to_dict()),
-                                 {"prunetune.experiment_dir": str(exp_dir)})
+        node = _RayNode(cfg)
         try:
-            if parent_run_id:  # resumed: what ended the previous driver no longer describes the run
-                tags = client.get_run(parent).data.tags
-                for key in ("prunetune.interrupted", "failure_reason"):
-                    if key in tags:
-                        client.delete_tag(parent, key)
-            state = {"parent_run_id": parent, "tracking_uri": cfg.tracking_uri, "config": cfg.to_dict()}
-            storage.write_text(storage.join(exp_dir, STATE_FILE), json.dumps(state, indent=1))
-            log.info("MLflow parent run %s in experiment %r (%s)", parent, cfg.name, cfg.tracking_uri)
-            result = _sweep(cfg, exp_dir, client, parent, restore, interrupts, warm)
-        except KeyboardInterrupt:
-            signum = interrupts.signum or signal.SIGINT
-            log.warning("%s: stopping the sweep; the parent run %s is KILLED", signal.Signals(signum).name, parent)
-            _close(client, parent, "KILLED", {"prunetune.interrupted": signal.Signals(signum).name})
-            raise SweepInterrupted(signum, str(exp_dir)) from None
-        except BaseException as exc:
-            _close(client, parent, "FAILED", {"failure_reason": _reason(exc)})
-            raise
-        return result
+            t0 = time.perf_counter()
+            client = open_client(cfg.tracking_uri)
+            parent = open_parent_run(client, cfg.name, parent_run_id, _flatten(cfg.to_dict()),
+                                     {"prunetune.experiment_dir": str(exp_dir)})
+            node.timings["tracking"] = time.perf_counter() - t0
+            return _run_parent(cfg, exp_dir, client, parent, parent_run_id, restore, interrupts, warm, node)
+        finally:
+            node.stop()
+
+
+def _run_parent(cfg: SweepConfig, exp_dir: str, client, parent: str, parent_run_id: str | None, restore: bool,
+                interrupts: Interrupts, warm, node: "_RayNode") -> SweepResult:
+    try:
+        if parent_run_id:  # resumed: what ended the previous driver no longer describes the run
+            tags = client.get_run(parent).data.tags
+            for key in ("prunetune.interrupted", "failure_reason"):
+                if key in tags:
+                    client.delete_tag(parent, key)
+        state = {"parent_run_id": parent, "tracking_uri": cfg.tracking_uri, "config": cfg.to_dict()}
+        storage.write_text(storage.join(exp_dir, STATE_FILE), json.dumps(state, indent=1))
+        log.info("MLflow parent run %s in experiment %r (%s)", parent, cfg.name, cfg.tracking_uri)
+        return _sweep(cfg, exp_dir, client, parent, restore, interrupts, warm, node)
+    except KeyboardInterrupt:
+        signum = interrupts.signum or signal.SIGINT
+        log.warning("%s: stopping the sweep; the parent run %s is KILLED", signal.Signals(signum).name, parent)
+        _close(client, parent, "KILLED", {"prunetune.interrupted": signal.Signals(signum).name})
+        raise SweepInterrupted(signum, str(exp_dir)) from None
+    except BaseException as exc:
+        _close(client, parent, "FAILED", {"failure_reason": _reason(exc)})
+        raise
+
+
+class _RayNode:
+    """Ray for one sweep, started (``_init_ray``) in a thread of its own at once, so the driver opens
+    MLflow and prepares the dense base model meanwhile. ``wait()`` blocks until Ray is up and raises
+    the start's error, if any; ``stop()`` (idempotent, on every path) waits for the start, ends
+    whatever it started and lets the thread end. The thread lives until then: Ray starts its GCS and
+    raylet with ``PR_SET_PDEATHSIG``, which kills them when the *thread* that forked them ends. A
+    start that failed while the driver was failing for another reason is logged as its own line.
+    ``timings``: seconds per start-up part, for the log line and ``SweepResult.timings``."""
+
+    def __init__(self, cfg: SweepConfig) -> None:
+        self.timings: dict[str, float] = {}
+        self._started: Reaper | bool = False
+        self._error: BaseException | None = None
+        self._ready, self._release = threading.Event(), threading.Event()
+        self._raised = self._stopped = False
+        self._thread = threading.Thread(target=self._own, args=(cfg,), name="prunetune-ray", daemon=True)
+        self._thread.start()
+
+    def _own(self, cfg: SweepConfig) -> None:
+        t0 = time.perf_counter()
+        ray_log, quiet = logging.getLogger("ray._private.worker"), _NotMainThread()
+        ray_log.addFilter(quiet)
+        try:
+            self._started = _init_ray(cfg)
+        except BaseException as exc:  # noqa: BLE001  (handed to wait() / stop())
+            self._error = exc
+        finally:
+            ray_log.removeFilter(quiet)
+            self.timings["ray_start"] = time.perf_counter() - t0
+            self._ready.set()
+        self._release.wait()
+
+    def wait(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._ready.wait()
+        finally:
+            self.timings["ray_wait"] = self.timings.get("ray_wait", 0.0) + time.perf_counter() - t0
+        if self._error is not None:
+            self._raised = True
+            raise self._error
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self._ready.wait()
+            if self._error is not None:
+                if not self._raised:
+                    log.error("Ray start failed as well: %s", _reason(self._error))
+                return
+            if self._started:
+                import ray
+
+                t0 = time.perf_counter()
+                ray.shutdown()
+                if hasattr(self._started, "stop"):
+                    self._started.stop()
+                self.timings["ray_stop"] = time.perf_counter() - t0
+        finally:
+            self._release.set()
+            self._thread.join()
+
+
+class _NotMainThread(logging.Filter):
+    """Drops ``ray.init``'s warning that it set no SIGTERM handler off the main thread (the sweep's
+    own handlers, ``search.interrupts``, are in place)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SIGTERM handler is not set")
 
 
 def _close(client, parent: str, status: str, tags: dict[str, str]) -> None:
@@ -185,9 +271,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, interrupts: Interrupts,
-           warm: list = ()) -> SweepResult:
-    import ray
-
+           warm: list, node: _RayNode) -> SweepResult:
     from methods.cost import profile
     from trainables.base_model import build_model
     from trainables.workspace import load_data
@@ -195,8 +279,7 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
     from .progress import tune_environment, tune_verbosity
     from .tracking import child_runs
 
-    started = _init_ray(cfg)
-    interrupts.install()  # again: ray.init puts its own SIGTERM handler in place
+    timings = node.timings
     try:
         if cfg.address:  # a cluster: its resources are known now (an embedded node's were checked in preflight)
             from .preflight import check_workers_fit
@@ -204,30 +287,49 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
             total = ray.cluster_resources()
             check_workers_fit(cfg.resources_per_trial, total.get("CPU", 0), total.get("GPU", 0), "the Ray cluster")
         settings = settings_from_config(cfg)
-        base_metrics = _base_model(cfg, settings, client, parent)
+        if cfg.address:  # the base model trains on the cluster: Ray first
+            node.wait()
+        t0 = time.perf_counter()
+        base_metrics = _base_model(cfg, settings, client, parent)  # embedded: here, while Ray starts
         data = load_data(settings)
+        dense = profile(build_model(settings), tuple(data.input_shape))
+        timings["base"] = time.perf_counter() - t0
+        _import_tune_modules()  # ~1 s of imports, also while Ray starts
+        node.wait()
+        interrupts.install()  # again: ray.init may have put its own SIGTERM handler in place
+        t0 = time.perf_counter()
         tuner = _tuner(cfg, settings, exp_dir, parent, restore, _input_example(data), warm)
         with interrupts.tune_running(), tune_environment(cfg.checkpoint_period_s, tune_verbosity()):
             tuner.fit()
+        timings["tune"] = time.perf_counter() - t0
         if interrupts.signum is not None:  # Tune stopped on the signal and saved its state
             raise KeyboardInterrupt
-        children = child_runs(client, parent)
+        t0 = time.perf_counter()
+        children = child_runs(client, parent)  # read once: the counts here and the front
         failed = sum(1 for r in children if r.info.status == "FAILED")
         stopped = sum(1 for r in children if "prunetune.stopped_at_rung" in r.data.tags)
-        dense = profile(build_model(settings), tuple(data.input_shape))
         summary = _record_front(client, parent, exp_dir, {"dense_macs": dense.macs, "dense_params": dense.params},
-                                cfg.objectives, cfg.constraints)
+                                cfg.objectives, cfg.constraints, children)
         client.set_terminated(parent, status="FINISHED")
+        timings["front"] = time.perf_counter() - t0
         log.info("sweep done: %d finished, %d failed; front of %d, hypervolume %.4g",
                  summary["trials"], failed, len(summary["front"]), summary["hypervolume"])
-        return SweepResult(exp_dir if storage.is_uri(exp_dir) else Path(exp_dir), parent, summary["trials"], failed,
-                           summary["hypervolume"], summary["front"], base_metrics, cfg.objective, cfg.objectives,
-                           stopped, summary.get("infeasible", 0))
+        result = SweepResult(exp_dir if storage.is_uri(exp_dir) else Path(exp_dir), parent, summary["trials"], failed,
+                             summary["hypervolume"], summary["front"], base_metrics, cfg.objective, cfg.objectives,
+                             stopped, summary.get("infeasible", 0), timings)
     finally:
-        if started:
-            ray.shutdown()
-            if hasattr(started, "stop"):
-                started.stop()
+        node.stop()
+    log.info("platform time: %s", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    return result
+
+
+def _import_tune_modules() -> None:
+    """What ``_tuner`` imports (Ray Tune, the trainable, the searcher), imported before Ray is up."""
+    import ray.tune  # noqa: F401
+
+    import trainables.tune_trainable  # noqa: F401
+
+    from . import early_stopping, searcher, tracking  # noqa: F401
 
 
 def _base_model(cfg: SweepConfig, settings, client, parent: str) -> dict[str, Any]:

@@ -76,6 +76,56 @@ def test_three_objectives_and_accuracy_only():
     assert [lat.decide(t, _ft(1, a, 1.0)) for t, a in [("x", 0.5), ("y", 0.6), ("z", 0.4)]] == [CONTINUE, CONTINUE, STOP]
 
 
+def test_from_scratch_trials_are_judged_only_against_each_other():
+    """Pruning from Scratch trains from fresh weights: after one epoch it is far below any fine-tuned
+    trial. Its trials have rungs of their own (the cohort), so they are compared with each other only."""
+    from types import SimpleNamespace
+
+    s = MultiObjectiveHalving(["accuracy", "macs"], grace_epochs=1, reduction_factor=2)
+    assert s.decide("f1", _ft(1, 0.90, 100)) == CONTINUE
+    assert s.decide("f2", _ft(1, 0.88, 100)) == STOP                      # dominated by f1: worst 1 of 2
+    assert s.decide("s1", _ft(1, 0.30, 100), from_scratch=True) == CONTINUE  # first of its cohort at rung 1
+    assert s.decide("s2", _ft(1, 0.35, 100), from_scratch=True) == CONTINUE  # best of 2: s1 is the worst
+    assert s.decide("s3", _ft(1, 0.20, 100), from_scratch=True) == STOP   # worst 1 of 3: s3 (not s1, not f2)
+    assert s.decide("f3", _ft(1, 0.95, 100)) == CONTINUE                  # 3 fine-tuned: f2 stays the worst
+    assert s.stopped == {"f2": (1, 1), "s3": (1, 1)}
+    assert list(s.rungs[0].results) == ["f1", "f2", "f3"]
+    assert list(s.scratch_rungs[0].results) == ["s1", "s2", "s3"]
+    # The method decides the cohort (Tune's trial config names it); unknown names are fine-tuned ones.
+    trial = SimpleNamespace(trial_id="s4", config={"method": "scratch", "scratch.prune_ratio": 0.5})
+    assert s.on_trial_result(None, trial, _ft(1, 0.10, 100)) == STOP       # worst of the 4 from scratch
+    trial = SimpleNamespace(trial_id="f4", config={"method": "l1_norm"})
+    assert s.on_trial_result(None, trial, _ft(1, 0.10, 100)) == STOP       # worst of the 4 fine-tuned
+    assert set(s.scratch_rungs[0].results) == {"s1", "s2", "s3", "s4"}
+    # One set of rungs for all (the rule before): s1 would have been stopped against f1 and f2.
+    one = MultiObjectiveHalving(["accuracy", "macs"], grace_epochs=1, reduction_factor=2)
+    assert [one.decide(t, _ft(1, a, 100)) for t, a in [("f1", 0.90), ("f2", 0.88), ("s1", 0.30)]] == [
+        CONTINUE, STOP, STOP]
+
+
+def test_scheduler_state_round_trip_decides_as_the_original():
+    """get_state / set_state (what Tune's experiment checkpoint carries through the recorder): a
+    restored scheduler holds the same records and makes the same next decisions."""
+    import pickle
+
+    from search.early_stopping import StoppedTrialRecorder
+
+    s = MultiObjectiveHalving(["accuracy", "macs"], grace_epochs=1, reduction_factor=2)
+    for tid, acc, macs in [("t1", 0.8, 100), ("t2", 0.7, 100), ("t3", 0.9, 200)]:
+        s.decide(tid, _ft(1, acc, macs))
+    s.decide("t1", _ft(2, 0.85, 100))
+    s.decide("s1", _ft(1, 0.3, 100), from_scratch=True)
+    state = pickle.loads(pickle.dumps(StoppedTrialRecorder("sqlite:///x.db", "p", s).get_state()))
+    restored = MultiObjectiveHalving(["accuracy", "macs"], grace_epochs=1, reduction_factor=2)
+    StoppedTrialRecorder("sqlite:///x.db", "p", restored).set_state(state)
+    assert restored.get_state() == s.get_state()
+    assert restored.stopped == {"t2": (1, 1)}
+    for tid, result, scratch in [("t4", _ft(1, 0.75, 150), False), ("t3", _ft(2, 0.80, 200), False),
+                                 ("s2", _ft(1, 0.2, 100), True)]:
+        assert restored.decide(tid, result, scratch) == s.decide(tid, result, scratch)
+    assert restored.stopped == s.stopped == {"t2": (1, 1), "t4": (1, 1), "t3": (2, 2), "s2": (1, 1)}
+
+
 @pytest.mark.parametrize("override, message", [
     ("early_stopping.type=asha", "early_stopping.type: expected one of none, successive_halving, got 'asha'"),
     ("early_stopping.grace_epochs=0", "early_stopping.grace_epochs: must be an integer >= 1, got 0"),
@@ -169,3 +219,89 @@ def test_sweep_stops_trials_prunes_them_in_optuna_and_keeps_them_off_the_front(r
     for tid in complete:
         assert sum(f"trial {tid} " in ln and " finished: " in ln for ln in lines) == 1
     assert "╭" not in out + err and "Trial status" not in out + err and "snapshotting" not in out + err
+
+
+def _scheduler_state(exp_dir) -> dict:
+    """The early-stopping records in Tune's newest callback checkpoint of the sweep (one file per
+    driver session, named by the session's start time)."""
+    import pickle
+    from pathlib import Path
+
+    newest = max(Path(exp_dir).glob("callback-states-*.pkl"), key=lambda p: p.name)
+    states = pickle.loads(newest.read_bytes())
+    (state,) = [s["scheduler"] for s in states.values() if s and "scheduler" in s]
+    return state
+
+
+def test_rung_records_survive_an_interrupted_and_resumed_sweep(ray_local, tmp_path):
+    """SIGINT once the first trial has ended (one trial at a time), then `resume`: the rung records
+    of the trials before the interruption are restored (not restarted empty, where the next trial
+    would be the first at its rung and always continue), and the stopping decisions of the whole
+    sweep are exactly those of one scheduler fed every recorded result in arrival order."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from search.early_stopping import STOPPED_EPOCH_TAG, STOPPED_RUNG_TAG
+    from search.sweep import SweepInterrupted, resume_sweep, run_sweep
+    from search.tracking import TRIAL_TAG, child_runs
+
+    overrides = [
+        "methods=[l1_norm, random]", "num_trials=4", "max_concurrent_trials=1", "base.epochs=1",
+        "finetune.epochs=3", "space.prune_ratio=[0.2, 0.8]", "sampler=random", "name=esr", "checkpoint_period_s=0",
+        "early_stopping={type: successive_halving, grace_epochs: 1, reduction_factor: 2}",
+        f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"storage_path={tmp_path}/ray_results"]
+    cfg = load_config("configs/quickstart.yaml", overrides)
+    done = threading.Event()
+
+    def interrupt_after_first_trial():
+        client = MlflowClient(cfg.tracking_uri)
+        while not done.wait(0.5):
+            try:
+                (exp,) = [e for e in client.search_experiments() if e.name == "esr"]
+                runs = client.search_runs([exp.experiment_id], filter_string="tags.`prunetune.trial_id` != ''")
+            except Exception:  # noqa: BLE001  (the database or experiment is not there yet)
+                continue
+            if any(r.info.status != "RUNNING" for r in runs):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    watcher = threading.Thread(target=interrupt_after_first_trial, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(SweepInterrupted) as info:
+            run_sweep(cfg)
+    finally:
+        done.set()
+        watcher.join()
+    exp_dir = info.value.experiment_dir
+    before = _scheduler_state(exp_dir)
+    recorded_before = {tid for _, results in before["rungs"] for tid, _ in results}
+    assert recorded_before and len(recorded_before) < 4
+
+    time.sleep(1.1)  # the resumed session's files are named by a later second
+    result = resume_sweep(exp_dir)
+    after = _scheduler_state(exp_dir)
+    # The records from before the interruption are all there, unchanged.
+    for (epoch, results_before), (epoch_after, results_after) in zip(before["rungs"], after["rungs"]):
+        assert epoch == epoch_after
+        assert [r for r in results_after if r[0] in dict(results_before)] == results_before
+    assert {tid for tid, _ in after["rungs"][0][1]} == {r.data.tags[TRIAL_TAG] for r in child_runs(
+        MlflowClient(cfg.tracking_uri), result.parent_run_id)}  # all 4 trials reached rung 1
+
+    # Replay: one scheduler, every trial's results in arrival order (one trial at a time).
+    replay = MultiObjectiveHalving(["accuracy", "macs"], grace_epochs=1, reduction_factor=2)
+    order = [tid for tid, _ in after["rungs"][0][1]]
+    for tid in order:
+        for epoch, results in after["rungs"]:
+            values = dict(results).get(tid)
+            if values is not None:
+                replay.decide(tid, _ft(epoch, values[0], values[1]))
+    assert replay.stopped == {tid: tuple(v) for tid, v in after["stopped"].items()}
+    runs = {r.data.tags[TRIAL_TAG]: r for r in child_runs(MlflowClient(cfg.tracking_uri), result.parent_run_id)}
+    tagged = {tid: (int(r.data.tags[STOPPED_RUNG_TAG]), int(r.data.tags[STOPPED_EPOCH_TAG]))
+              for tid, r in runs.items() if STOPPED_RUNG_TAG in r.data.tags}
+    assert tagged == replay.stopped and result.stopped == len(tagged)

@@ -321,6 +321,47 @@ def test_failure_after_the_parent_run_exists_marks_it_failed(ray_local, tmp_path
     assert run.info.status == "FAILED" and "base_models" in run.data.tags["failure_reason"]
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("broken", ["ray", "ray+base"])
+def test_ray_start_failing_beside_the_driver_is_its_own_line(tmp_path, broken):
+    """Ray starts in a thread while the driver opens MLflow and the base model: a failing start
+    (RAY_TMPDIR is a file) ends the sweep FAILED with its reason in one line; when the base model
+    fails too (base_models is a file), that is the CLI's line and the Ray failure its own log line.
+    Either way no process of the driver outlives it."""
+    mark = uuid.uuid4().hex
+    storage = tmp_path / "ray"
+    storage.mkdir()
+    (tmp_path / "not-a-dir").write_text("")
+    if broken == "ray+base":
+        (storage / "base_models").write_text("not a folder")
+    env = dict(_env(mark), RAY_TMPDIR=str(tmp_path / "not-a-dir"))
+    driver = subprocess.run(prunetune_cli() + _sweep_args(
+        "methods=[l1_norm]", "num_trials=1", "base.epochs=1", "name=both", f"tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"storage_path={storage}"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    try:
+        assert driver.returncode == 1 and "Traceback" not in driver.stderr, driver.stderr[-3000:]
+        (line,) = _errors(driver.stderr)
+        ray_lines = [ln for ln in driver.stderr.splitlines() if "Ray start failed as well: NotADirectoryError" in ln]
+        if broken == "ray":
+            assert line.startswith("prunetune: internal error: NotADirectoryError: ") and "not-a-dir" in line, line
+            assert not ray_lines
+        else:
+            assert line.startswith("prunetune: internal error: ") and "base_models" in line, line
+            assert len(ray_lines) == 1 and LOG_LINE.match(ray_lines[0]), driver.stderr[-3000:]
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        (run,) = client.search_runs([client.get_experiment_by_name("both").experiment_id])
+        reason = run.data.tags["failure_reason"]
+        assert run.info.status == "FAILED" and ("base_models" in reason if broken == "ray+base" else
+                                                reason.startswith("NotADirectoryError: ")), reason
+        left, deadline = _marked(mark), time.monotonic() + 10
+        while left and time.monotonic() < deadline:
+            time.sleep(0.25)
+            left = _marked(mark)
+        assert not left, [(p, (proc_info(p) or (0, b""))[1][:40]) for p in left]
+    finally:
+        _kill_marked(mark)
+
+
 # ---- 6. NaN in a surgery's own fine-tune steps ----------------------------------------------------------------
 def test_thinet_nan_in_its_per_layer_finetune_ends_the_trial_failed(tmp_path):
     """ThiNet fine-tunes after each pruned layer, inside the surgery: a NaN there ended in a raised
