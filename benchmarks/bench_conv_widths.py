@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_pruned_speedup import CHILD_ENV, malloc_env  # noqa: E402
+from malloc_child import in_child, rerun_in_child  # noqa: E402
 
 WIDTHS = {32: (4, 8, 9, 12, 16), 16: (8, 11, 16, 18, 24, 32), 8: (16, 24, 32, 35, 40, 48, 64)}
 
@@ -63,9 +62,8 @@ def main(argv=None):
     ap.add_argument("--passes", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    if os.environ.get(CHILD_ENV) is None:
-        env = dict(os.environ, **malloc_env("fixed"), **{CHILD_ENV: "fixed", "OMP_NUM_THREADS": str(args.threads)})
-        sys.exit(subprocess.call([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env))
+    if not in_child():
+        rerun_in_child("fixed", args.threads)
     child(args)
 
 

@@ -51,25 +51,11 @@ import os
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
 
-#: Marks the timing child; its value names the allocator setting it was started with.
-CHILD_ENV = "PRUNETUNE_BENCH_SPEEDUP_CHILD"
-#: 32 MiB: glibc's largest accepted mmap threshold on 64-bit (HEAP_MAX_SIZE / 2). Every activation
-#: of ResNet-56 at batch 64 (at most 4 MiB) then comes from the heap, never a fresh mmap.
-MMAP_THRESHOLD = 32 * 1024 * 1024
-#: Never trim the heap top back to the kernel (1 TiB).
-TRIM_THRESHOLD = 1 << 40
-
-
-def malloc_env(mode: str) -> dict[str, str]:
-    if mode == "fixed":
-        return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
-    return {}
-
+from malloc_child import CHILD_ENV, in_child, rerun_in_child
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -97,16 +83,6 @@ def parse_args(argv=None):
                          "one prepared the same way")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
-
-
-def spawn_child(args) -> int:
-    """Run this script again with the allocator and thread settings in its environment from the start."""
-    env = dict(os.environ)
-    for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        env.pop(key, None)
-    env.update(malloc_env(args.malloc))
-    env.update({CHILD_ENV: args.malloc, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)})
-    return subprocess.call([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env)
 
 
 class Timer:
@@ -321,10 +297,8 @@ def report(args, torch, grid, res, dense_macs, shape, faults, prune_s, timed_s) 
 
 def main(argv=None):
     args = parse_args(argv)
-    if os.environ.get(CHILD_ENV) is None:
-        print(f"timing in a child process started with {malloc_env(args.malloc) or 'glibc default malloc settings'}, "
-              f"OMP_NUM_THREADS={args.threads}", flush=True)
-        sys.exit(spawn_child(args))
+    if not in_child():
+        rerun_in_child(args.malloc, args.threads)
     child(args)
 
 

@@ -50,17 +50,13 @@ import contextlib
 import copy
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
 
 import torch
+from malloc_child import CHILD_ENV, in_child, rerun_in_child
 
-CHILD_ENV = "PRUNETUNE_BENCH_THINET_CHILD"
-MMAP_THRESHOLD = 32 * 1024 * 1024
-TRIM_THRESHOLD = 1 << 40
 STAGES = ("capture", "select", "lstsq", "cut", "recovery")
 
 
@@ -76,14 +72,6 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=64, help="part resnet56: calibration batch size")
     ap.add_argument("--naive", action="store_true", help="part resnet56: also time and check the naive greedy")
     return ap.parse_args(argv)
-
-
-def spawn_child(args) -> int:
-    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
-    if args.malloc == "fixed":
-        env.update({"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)})
-    env.update({CHILD_ENV: args.malloc, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)})
-    return subprocess.call([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env)
 
 
 class Clock:
@@ -250,8 +238,8 @@ def part_resnet56(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if os.environ.get(CHILD_ENV) is None:
-        sys.exit(spawn_child(args))
+    if not in_child():
+        rerun_in_child(args.malloc, args.threads)
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     malloc = {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}

@@ -28,15 +28,14 @@ import argparse
 import os
 import pickle
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-CHILD_ENV = "PRUNETUNE_BENCH_THROUGHPUT_CHILD"
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+from malloc_child import CHILD_ENV, in_child, rerun_in_child
+
 
 
 def parse_args(argv=None):
@@ -189,10 +188,8 @@ def child(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.device == "cpu" and os.environ.get(CHILD_ENV) is None:
-        env = dict(os.environ, **MALLOC, OMP_NUM_THREADS=str(args.threads))
-        env[CHILD_ENV] = " ".join(f"{k}={v}" for k, v in MALLOC.items())
-        sys.exit(subprocess.call([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env=env))
+    if args.device == "cpu" and not in_child():
+        rerun_in_child("fixed", args.threads)
     child(args)
 
 

@@ -33,13 +33,13 @@ import argparse
 import copy
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_pruned_speedup import CHILD_ENV, VARIANTS, malloc_env, prepare, variant_input  # noqa: E402
+from bench_pruned_speedup import VARIANTS, prepare, variant_input  # noqa: E402
+from malloc_child import CHILD_ENV, in_child, rerun_in_child  # noqa: E402
 
 SHORTCUT_OPS = {"aten::cat", "aten::index_select", "aten::zeros_like", "aten::where", "aten::full_like",
                 "aten::zero_", "aten::fill_", "aten::slice"}
@@ -238,9 +238,8 @@ def print_attribution(variant, cfg, d_ms, p_ms, ratio, dense_conv, pruned_conv) 
 
 def main(argv=None):
     args = parse_args(argv)
-    if os.environ.get(CHILD_ENV) is None:
-        env = dict(os.environ, **malloc_env("fixed"), **{CHILD_ENV: "fixed", "OMP_NUM_THREADS": str(args.threads)})
-        sys.exit(subprocess.call([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env))
+    if not in_child():
+        rerun_in_child("fixed", args.threads)
     child(args)
 
 

@@ -58,6 +58,15 @@ def _marked(mark: str) -> list[int]:
     return found
 
 
+def _assert_all_gone(mark: str, timeout_s: float = 10.0) -> None:
+    """Every process carrying ``mark`` ends within ``timeout_s`` (nothing outlives the driver)."""
+    left, deadline = _marked(mark), time.monotonic() + timeout_s
+    while left and time.monotonic() < deadline:
+        time.sleep(0.25)
+        left = _marked(mark)
+    assert not left, [(p, (proc_info(p) or (0, b""))[1][:40]) for p in left]
+
+
 def _kill_marked(mark: str) -> None:
     for pid in _marked(mark):
         try:
@@ -353,11 +362,7 @@ def test_ray_start_failing_beside_the_driver_is_its_own_line(tmp_path, broken):
         reason = run.data.tags["failure_reason"]
         assert run.info.status == "FAILED" and ("base_models" in reason if broken == "ray+base" else
                                                 reason.startswith("NotADirectoryError: ")), reason
-        left, deadline = _marked(mark), time.monotonic() + 10
-        while left and time.monotonic() < deadline:
-            time.sleep(0.25)
-            left = _marked(mark)
-        assert not left, [(p, (proc_info(p) or (0, b""))[1][:40]) for p in left]
+        _assert_all_gone(mark)
     finally:
         _kill_marked(mark)
 
@@ -409,11 +414,7 @@ def test_embedded_ray_ends_with_a_sigkilled_driver(tmp_path):
             time.sleep(0.25)
         driver.kill()
         driver.wait(timeout=30)
-        left, deadline = _marked(mark), time.monotonic() + 10
-        while left and time.monotonic() < deadline:
-            time.sleep(0.25)
-            left = _marked(mark)
-        assert not left, [(p, (proc_info(p) or (0, b""))[1][:40]) for p in left]
+        _assert_all_gone(mark)
     finally:
         if driver.poll() is None:
             driver.kill()
