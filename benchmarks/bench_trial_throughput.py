@@ -4,6 +4,13 @@ side in one run (issue 14's yardstick: >= 0.9x; on a GPU a ResNet-56 CIFAR epoch
     python benchmarks/bench_trial_throughput.py                          # CPU: ResNet-56, 2048 CIFAR images
     python benchmarks/bench_trial_throughput.py --device cuda --images 50000 --rounds 5
     python benchmarks/bench_trial_throughput.py --device cuda --compile  # both sides torch.compile'd
+    python benchmarks/bench_trial_throughput.py --data imagefolder --model resnet50 --batch 16 --images 96
+
+``--data imagefolder``: random JPEGs (320x256, quality 90) written as ``train/<class>/*.jpg`` and
+``val/<class>/*.jpg``, read back by ``trainables.data.load("imagefolder")`` at 224 px; the trial's
+loader is then a ``DataLoader`` with ``--workers`` processes (a trial uses its CPUs - 1), pinned
+memory on CUDA, persistent workers; the plain loop uses torchvision's ``ImageFolder`` with the same
+transform (RandomResizedCrop + flip) and a ``DataLoader`` of as many workers.
 
 Data: random CIFAR-10 images written to a temporary folder in the official on-disk format (pickled
 ``data_batch_*``), read back by ``trainables.data.load("cifar10")`` (the md5 list is pointed at the
@@ -48,6 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
     ap.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
+    ap.add_argument("--data", default="cifar", choices=("cifar", "imagefolder"))
+    ap.add_argument("--workers", type=int, default=None, help="imagefolder: loader processes (default threads - 1)")
     ap.add_argument("--no-cudnn-benchmark", action="store_true",
                     help="leave cuDNN's algorithm search off (trials turn it on: trainables.train.pick_device)")
     return ap.parse_args(argv)
@@ -92,6 +101,36 @@ def load_written(root: Path):
     return load("cifar10", data_dir=root, val_fraction=0.01)
 
 
+def write_imagefolder(root: Path, n: int, classes: int = 4, seed: int = 0) -> Path:
+    """``n`` random 320x256 JPEG training images (and 2 per class for val) in ImageFolder's layout."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n), ("val", 2 * classes)):
+        for i in range(count):
+            folder = root / split / f"c{i % classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (256, 320, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def plain_loader_epoch(model, loader, optimizer, device, autocast):
+    """The hand-written loop over a DataLoader: copy, forward, backward, step."""
+    import torch.nn.functional as F
+
+    model.train()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    float(loss.detach())
+
+
 def plain_epoch(model, images, targets, mean, std, optimizer, batch, device, autocast):
     """The hand-written loop: device-resident uint8 data, pad-crop + flip, bf16 on CUDA."""
     import torch
@@ -131,22 +170,39 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
-    with tempfile.TemporaryDirectory(prefix="prunetune-throughput-") as tmp:
-        write_cifar10(Path(tmp), args.images)
-        data = load_written(Path(tmp))
+    workers = args.workers if args.workers is not None else max(0, args.threads - 1)
+    tmp = tempfile.TemporaryDirectory(prefix="prunetune-throughput-")
+    if args.data == "imagefolder":
+        import torchvision
+
+        from trainables.data import load
+
+        root = write_imagefolder(Path(tmp.name), args.images)
+        data = load("imagefolder", data_dir=root, val_fraction=0.05)
+        loader = trial_loader(data.train, args.batch, shuffle=True, seed=0, device=device, num_workers=workers)
+        plain_set = torch.utils.data.Subset(  # the same training images as the trial's split
+            torchvision.datasets.ImageFolder(str(root / "train"), transform=data.train.transform), data.train.indices)
+        plain_loader = torch.utils.data.DataLoader(plain_set, batch_size=args.batch, shuffle=True, num_workers=workers,
+                                                   pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        classes, images = len(plain_set.dataset.classes), None
+    else:
+        write_cifar10(Path(tmp.name), args.images)
+        data = load_written(Path(tmp.name))
         loader = trial_loader(data.train, args.batch, shuffle=True, seed=0, device=device)
         arrays = data.train.device_arrays()
+        tmp.cleanup()
+        classes = 10
+        images, targets = arrays.images.to(device), arrays.targets.to(device)
+        mean = torch.tensor(arrays.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(arrays.std, device=device).view(1, 3, 1, 1)
     n = len(data.train)
-    images, targets = arrays.images.to(device), arrays.targets.to(device)
-    mean = torch.tensor(arrays.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(arrays.std, device=device).view(1, 3, 1, 1)
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def fresh():
         torch.manual_seed(0)
-        model = create_model(args.model, 10).to(device)
+        model = create_model(args.model, classes).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         step_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
@@ -158,6 +214,8 @@ def child(args) -> None:
         model, opt = sides[name]
         if name == "prunetune":
             train_epoch(model, loader, opt, device=device)
+        elif images is None:
+            plain_loader_epoch(model, plain_loader, opt, device, autocast)
         else:
             plain_epoch(model, images, targets, mean, std, opt, args.batch, device, autocast)
 
@@ -177,7 +235,8 @@ def child(args) -> None:
             run(name)
             sync()
             rates[name].append(n / (time.perf_counter() - t0))
-    print(f"{args.model} batch {args.batch}, {n} images/epoch, device {args.device}"
+    print(f"{args.model} on {args.data}{f' ({workers} loader workers)' if images is None else ''}, "
+          f"batch {args.batch}, {n} images/epoch, device {args.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, threads {args.threads}, "
           f"compile {args.compile and args.compile_mode}, cudnn.benchmark {torch.backends.cudnn.benchmark}, rounds {args.rounds}, allocator env {os.environ.get(CHILD_ENV, '-')}")
     print(f"{'loop':<10} {'img/s min':>10} {'median':>10} {'max':>10} {'epoch s (median)':>17}")
