@@ -281,14 +281,15 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
 
     timings = node.timings
     try:
-        if cfg.address:  # a cluster: its resources are known now (an embedded node's were checked in preflight)
+        if cfg.address:  # a cluster: Ray first (the base model trains there); then its resources are
+            import ray   # known (an embedded node's were checked in preflight)
+
             from .preflight import check_workers_fit
 
+            node.wait()
             total = ray.cluster_resources()
             check_workers_fit(cfg.resources_per_trial, total.get("CPU", 0), total.get("GPU", 0), "the Ray cluster")
         settings = settings_from_config(cfg)
-        if cfg.address:  # the base model trains on the cluster: Ray first
-            node.wait()
         t0 = time.perf_counter()
         base_metrics = _base_model(cfg, settings, client, parent)  # embedded: here, while Ray starts
         data = load_data(settings)
