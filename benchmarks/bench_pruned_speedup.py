@@ -55,7 +55,7 @@ import sys
 import time
 from contextlib import nullcontext
 
-from malloc_child import CHILD_ENV, in_child, rerun_in_child
+from malloc_child import CHILD_ENV, MALLOC_KEYS, in_child, rerun_in_child
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -252,7 +252,7 @@ def report(args, torch, grid, res, dense_macs, shape, faults, prune_s, timed_s) 
         where = f"{torch.cuda.get_device_name()}, bf16 autocast, channels_last"
     else:
         where = f"CPU, torch threads {torch.get_num_threads()} (interop 1), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
-    malloc = {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    malloc = {k: os.environ.get(k) for k in MALLOC_KEYS}
     print(f"{args.model}, 3x{args.image_size}x{args.image_size}, batch {args.batch}, {where}"
           f"{', torch.compile ' + args.compile if args.compile else ', eager'}, torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")

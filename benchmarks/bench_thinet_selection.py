@@ -55,7 +55,7 @@ import time
 from collections import defaultdict
 
 import torch
-from malloc_child import CHILD_ENV, in_child, rerun_in_child
+from malloc_child import CHILD_ENV, MALLOC_KEYS, in_child, rerun_in_child
 
 STAGES = ("capture", "select", "lstsq", "cut", "recovery")
 
@@ -242,7 +242,7 @@ def main(argv=None) -> None:
         rerun_in_child(args.malloc, args.threads)
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    malloc = {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    malloc = {k: os.environ.get(k) for k in MALLOC_KEYS}
     load = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), allocator {os.environ[CHILD_ENV]} "
           f"{malloc}, load average {load[0]:.1f} at the start, {os.cpu_count()} cores")

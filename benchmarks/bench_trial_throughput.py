@@ -184,13 +184,12 @@ def child(args) -> None:
             torchvision.datasets.ImageFolder(str(root / "train"), transform=data.train.transform), data.train.indices)
         plain_loader = torch.utils.data.DataLoader(plain_set, batch_size=args.batch, shuffle=True, num_workers=workers,
                                                    pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-        classes, images = len(plain_set.dataset.classes), None
+        classes = len(plain_set.dataset.classes)
     else:
         write_cifar10(Path(tmp.name), args.images)
         data = load_written(Path(tmp.name))
         loader = trial_loader(data.train, args.batch, shuffle=True, seed=0, device=device)
         arrays = data.train.device_arrays()
-        tmp.cleanup()
         classes = 10
         images, targets = arrays.images.to(device), arrays.targets.to(device)
         mean = torch.tensor(arrays.mean, device=device).view(1, 3, 1, 1)
@@ -214,7 +213,7 @@ def child(args) -> None:
         model, opt = sides[name]
         if name == "prunetune":
             train_epoch(model, loader, opt, device=device)
-        elif images is None:
+        elif args.data == "imagefolder":
             plain_loader_epoch(model, plain_loader, opt, device, autocast)
         else:
             plain_epoch(model, images, targets, mean, std, opt, args.batch, device, autocast)
@@ -235,7 +234,7 @@ def child(args) -> None:
             run(name)
             sync()
             rates[name].append(n / (time.perf_counter() - t0))
-    print(f"{args.model} on {args.data}{f' ({workers} loader workers)' if images is None else ''}, "
+    print(f"{args.model} on {args.data}{f' ({workers} loader workers)' if args.data == 'imagefolder' else ''}, "
           f"batch {args.batch}, {n} images/epoch, device {args.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, threads {args.threads}, "
           f"compile {args.compile and args.compile_mode}, cudnn.benchmark {torch.backends.cudnn.benchmark}, rounds {args.rounds}, allocator env {os.environ.get(CHILD_ENV, '-')}")
@@ -243,6 +242,7 @@ def child(args) -> None:
     for name, v in rates.items():
         print(f"{name:<10} {min(v):>10.0f} {statistics.median(v):>10.0f} {max(v):>10.0f} {n / statistics.median(v):>17.2f}")
     print(f"ratio prunetune / plain (medians): {statistics.median(rates['prunetune']) / statistics.median(rates['plain']):.3f}")
+    tmp.cleanup()  # the written data set (the image folder is read until the last epoch)
 
 
 def main(argv=None) -> None:

@@ -14,12 +14,13 @@ import subprocess
 import sys
 from typing import NoReturn
 
-__all__ = ["CHILD_ENV", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "malloc_env", "in_child", "rerun_in_child"]
+__all__ = ["CHILD_ENV", "MALLOC_KEYS", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "malloc_env", "in_child",
+           "rerun_in_child"]
 
 CHILD_ENV = "PRUNETUNE_BENCH_CHILD"
 MMAP_THRESHOLD = 32 * 1024 * 1024
 TRIM_THRESHOLD = 1 << 40
-_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+MALLOC_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def malloc_env(mode: str) -> dict[str, str]:
@@ -36,7 +37,7 @@ def in_child() -> bool:
 def rerun_in_child(mode: str = "fixed", threads: int = 1) -> NoReturn:
     """Run this script again, same arguments, in a child with the allocator ``mode`` and ``threads``
     OpenMP/MKL threads; exit with its status."""
-    env = {k: v for k, v in os.environ.items() if k not in _KEYS}
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_KEYS}
     env.update(malloc_env(mode))
     env.update({CHILD_ENV: mode, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     print(f"timing in a child process: allocator {mode} {malloc_env(mode) or '(glibc defaults)'}, "

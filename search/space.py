@@ -9,6 +9,7 @@ about each method's ``prune_ratio`` from two trials). Method-specific ones are `
 Either way the trial config carries every value as ``"<method>.<name>"``."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from methods.hyperparameters import Hyperparameter
@@ -88,17 +89,16 @@ def shared_names(space: dict[str, dict[str, Hyperparameter]]) -> dict[str, tuple
     scale and choices after the config's narrowing) -> that range: the methods declaring it so share
     one Optuna parameter (where ranges differ, the most common one is shared, the others stay the
     method's own)."""
-    ranges: dict[str, dict[tuple, int]] = {}
+    ranges: dict[str, Counter] = {}
     for hps in space.values():
         for name, hp in hps.items():
             if not hp.fixed:
-                counts = ranges.setdefault(name, {})
-                counts[_range(hp)] = counts.get(_range(hp), 0) + 1
+                ranges.setdefault(name, Counter())[_range(hp)] += 1
     out = {}
     for name, counts in ranges.items():
-        best = max(counts.items(), key=lambda kv: kv[1])
-        if best[1] > 1:
-            out[name] = best[0]
+        (common, n), = counts.most_common(1)
+        if n > 1:
+            out[name] = common
     return out
 
 

@@ -386,8 +386,8 @@ def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool,
                                   resume_errored=False, restart_errored=False, **tune_storage)
     scheduler, callbacks = scheduler_and_callbacks(cfg, parent)
     callbacks.append(ProgressLines(cfg.num_trials, scheduler))
-    searcher = ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler(cfg.sampler, cfg.seed, cfg.methods), cfg.seed,
-                                  objectives=cfg.objectives, constraints=cfg.constraints)
+    searcher = ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler(cfg.sampler, cfg.seed, cfg.methods),
+                                  cfg.seed, objectives=cfg.objectives, constraints=cfg.constraints)
     if warm:
         searcher.add_trials(warm)  # earlier sweeps' finished trials, before the first suggestion
     return tune.Tuner(
