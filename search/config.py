@@ -35,6 +35,7 @@ import methods as _methods_package  # noqa: F401  (importing it fills the method
 from methods.errors import ConfigError
 from methods.hyperparameters import Hyperparameter
 from methods.registry import get_method_class, list_methods
+from trainables.settings import TrainSettings
 
 from . import objectives as _objectives
 from .constraints import ConstraintsConfig, narrow_space
@@ -207,25 +208,20 @@ def _model_kwarg_names() -> list[str]:
 
 
 # ---- nested sections ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainConfig:
-    """An SGD training schedule (``base``: the shared dense model; ``finetune``: after surgery)."""
+#: The ``base`` and ``finetune`` sections ARE the trials' settings type (one type: the driver hands
+#: them to the trials as they are, never copied field by field); validated by :func:`_validated_train`.
+TrainConfig = TrainSettings
 
-    epochs: int
-    lr: float
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 64
 
-    def validated(self, where: str) -> "TrainConfig":
-        """A normalised copy, or ConfigError naming ``where.field``."""
-        return TrainConfig(
-            epochs=_int(self.epochs, f"{where}.epochs", 0, MAX_EPOCHS),
-            lr=_float(self.lr, f"{where}.lr", gt=0),
-            momentum=_float(self.momentum, f"{where}.momentum", ge=0, lt=1),
-            weight_decay=_float(self.weight_decay, f"{where}.weight_decay", ge=0),
-            batch_size=_int(self.batch_size, f"{where}.batch_size", 1, MAX_BATCH),
-        )
+def _validated_train(section: TrainSettings, where: str) -> TrainSettings:
+    """A normalised copy of an SGD schedule, or ConfigError naming ``where.field``."""
+    return TrainSettings(
+        epochs=_int(section.epochs, f"{where}.epochs", 0, MAX_EPOCHS),
+        lr=_float(section.lr, f"{where}.lr", gt=0),
+        momentum=_float(section.momentum, f"{where}.momentum", ge=0, lt=1),
+        weight_decay=_float(section.weight_decay, f"{where}.weight_decay", ge=0),
+        batch_size=_int(section.batch_size, f"{where}.batch_size", 1, MAX_BATCH),
+    )
 
 
 @dataclass(frozen=True)
@@ -289,8 +285,8 @@ class EarlyStoppingConfig:
 
 
 EARLY_STOPPING = ("none", "successive_halving")
-_BASE_DEFAULT = TrainConfig(epochs=15, lr=0.1)
-_FINETUNE_DEFAULT = TrainConfig(epochs=5, lr=0.01)
+_BASE_DEFAULT = TrainSettings(epochs=15, lr=0.1)
+_FINETUNE_DEFAULT = TrainSettings(epochs=5, lr=0.01)
 
 
 # ---- the sweep ----------------------------------------------------------------------------------------------
@@ -313,8 +309,8 @@ class SweepConfig:
     resources_per_trial: ResourcesConfig = field(default_factory=ResourcesConfig)
     sampler: str = "tpe"
     seed: int = 0
-    base: TrainConfig = _BASE_DEFAULT
-    finetune: TrainConfig = _FINETUNE_DEFAULT
+    base: TrainSettings = _BASE_DEFAULT
+    finetune: TrainSettings = _FINETUNE_DEFAULT
     address: str | None = None
     tracking_uri: str = "sqlite:///mlflow.db"
     storage_path: str = "./ray_results"
@@ -374,8 +370,8 @@ class SweepConfig:
         set_("early_stopping", _section(EarlyStoppingConfig, self.early_stopping, "early_stopping",
                                         EarlyStoppingConfig()))
         set_("seed", _int(self.seed, "seed", 0, 2**32 - 1))
-        set_("base", _section(TrainConfig, self.base, "base", _BASE_DEFAULT))
-        set_("finetune", _section(TrainConfig, self.finetune, "finetune", _FINETUNE_DEFAULT))
+        set_("base", _section(TrainSettings, self.base, "base", _BASE_DEFAULT, _validated_train))
+        set_("finetune", _section(TrainSettings, self.finetune, "finetune", _FINETUNE_DEFAULT, _validated_train))
         set_("address", _str(self.address, "address", optional=True))
         set_("tracking_uri", _checked_tracking_uri(self.tracking_uri))
         storage = _str(self.storage_path, "storage_path")
@@ -524,16 +520,18 @@ def _range_of(hp: Hyperparameter) -> tuple:
     return (hp.kind, hp.low, hp.high, hp.choices)
 
 
-def _section(cls: type, value: Any, where: str, default: Any) -> Any:
-    """A nested section from a dataclass instance or a partial mapping merged over ``default``."""
+def _section(cls: type, value: Any, where: str, default: Any, validate=None) -> Any:
+    """A nested section from a dataclass instance or a partial mapping merged over ``default``,
+    validated by ``validate(section, where)`` (default: the section's own ``validated``)."""
+    validate = validate or (lambda section, where: section.validated(where))
     if isinstance(value, cls):
-        return value.validated(where)
+        return validate(value, where)
     if value is None:
         value = {}
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}: must be a mapping, got {value!r}")
     _check_keys(value, [f.name for f in dataclasses.fields(cls)], where)
-    return dataclasses.replace(default, **value).validated(where)
+    return validate(dataclasses.replace(default, **value), where)
 
 
 def _checked_warm_start(value: Any) -> tuple[str, ...]:

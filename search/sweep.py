@@ -61,16 +61,12 @@ class SweepResult:
 
 
 def settings_from_config(cfg: SweepConfig):
-    from trainables.settings import TrainSettings, TrialSettings
-
-    def train(t):
-        return TrainSettings(epochs=t.epochs, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                             batch_size=t.batch_size)
+    from trainables.settings import TrialSettings
 
     return TrialSettings(
         model=cfg.model, dataset=cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
         image_size=cfg.image_size, model_kwargs=dict(cfg.model_kwargs), seed=cfg.seed,
-        base=train(cfg.base), finetune=train(cfg.finetune), latency_batch_size=cfg.latency_batch_size,
+        base=cfg.base, finetune=cfg.finetune, latency_batch_size=cfg.latency_batch_size,
         calibration_batches=cfg.calibration_batches, compile=cfg.compile, base_dir=storage.join(cfg.storage_path, "base_models"),
         use_gpu=cfg.resources_per_trial.gpu > 0,
     )

@@ -12,6 +12,9 @@ __all__ = ["TrainSettings", "TrialSettings"]
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """An SGD training schedule (``base``: the shared dense model; ``finetune``: after surgery). The
+    sweep config's ``base`` and ``finetune`` sections are this type (``search.config`` validates them)."""
+
     epochs: int = 15
     lr: float = 0.1
     momentum: float = 0.9
