@@ -70,6 +70,10 @@ class PruningMethod(ABC):
     """Base class: declare ``name`` and ``hyperparameters``, implement ``prune``."""
 
     name: ClassVar[str] = ""
+    #: The paper (``Authors et al., VENUE YEAR``, or ``baseline``) and what the method does, in one
+    #: line each: ``prunetune methods`` and the README's method table are made from them.
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
     #: Start from a freshly initialised network instead of the shared dense base model.
     from_scratch: ClassVar[bool] = False

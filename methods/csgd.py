@@ -125,6 +125,8 @@ class _Centripetal:
 
 @register_method("csgd")
 class CSGD(PruningMethod):
+    paper = "Ding et al., CVPR 2019"
+    summary = "Centripetal SGD makes clustered filters identical, then merges them"
     hyperparameters = (
         PRUNE_RATIO,
         Hyperparameter("epsilon", 0.05, 1e-4, 1e-1, log=True, doc="centripetal strength"),

@@ -104,6 +104,8 @@ class _Layer:
 
 @register_method("ista")
 class ISTA(PruningMethod):
+    paper = "Ye et al., ICLR 2018"
+    summary = "ISTA drives batch-norm gammas to exactly 0; constant channels folded into consumers"
     hyperparameters = (
         Hyperparameter("mu", 0.1, 1e-3, 0.2, log=True, doc="SGD learning rate of the phase (no momentum)"),
         Hyperparameter("rho", 5e-3, 1e-4, 1e-2, log=True, doc="global L1 penalty on batch-norm gammas"),

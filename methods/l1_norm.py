@@ -13,6 +13,8 @@ __all__ = ["L1Norm"]
 
 @register_method("l1_norm")
 class L1Norm(PruningMethod):
+    paper = "Li et al., ICLR 2017"
+    summary = "drop the filters with the smallest sum |W|"
     # No training phase. The paper prunes each layer by its own ratio (uniform).
     hyperparameters = (PRUNE_RATIO, SCOPE, allocation_hp("uniform"), ROUND_TO)
 

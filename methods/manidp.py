@@ -268,6 +268,8 @@ def mean_saliency(model: nn.Module, batches: Iterable[Any], *, max_batches: int 
 @register_method("manidp")
 class ManiDP(PruningMethod):
     """Dynamic: ``prune`` returns the gated model with frozen thresholds (all weights kept)."""
+    paper = "Tang et al., CVPR 2021"
+    summary = "dynamic per-input channel gating; costed by average MACs"
 
     dynamic = True
     hyperparameters = (

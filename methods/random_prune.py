@@ -16,6 +16,8 @@ __all__ = ["RandomPrune"]
 
 @register_method("random")
 class RandomPrune(PruningMethod):
+    paper = "baseline"
+    summary = "random channels, same MACs target, scope and allocation as the others"
     hyperparameters = (PRUNE_RATIO, SCOPE, allocation_hp("uniform"), ROUND_TO)  # no training phase
 
     def prune(self, model: nn.Module, context: PruneContext) -> nn.Module:

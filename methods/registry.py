@@ -7,7 +7,7 @@ from typing import Any, Callable, TypeVar
 from .base import PruningMethod
 from .errors import ArgumentError, ConfigError
 
-__all__ = ["register_method", "create_method", "list_methods", "get_method_class"]
+__all__ = ["register_method", "create_method", "list_methods", "get_method_class", "markdown_table"]
 
 _REGISTRY: dict[str, type[PruningMethod]] = {}
 T = TypeVar("T", bound=type[PruningMethod])
@@ -17,6 +17,10 @@ def register_method(name: str) -> Callable[[T], T]:
     def decorate(cls: T) -> T:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ArgumentError(f"method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        missing = [attr for attr in ("paper", "summary") if not getattr(cls, attr, "")]
+        if missing:
+            raise ArgumentError(f"method {name!r} ({cls.__qualname__}) declares no {' or '.join(missing)}: "
+                                f"one line each, for `prunetune methods` and the README's table")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -37,3 +41,13 @@ def get_method_class(name: str) -> type[PruningMethod]:
 
 def create_method(name: str, **hparams: Any) -> PruningMethod:
     return get_method_class(name)(**hparams)
+
+
+def markdown_table() -> str:
+    """The README's method table (``prunetune methods --markdown``), one row per registered method."""
+    lines = ["| name | method | what it does |", "| --- | --- | --- |"]
+    for name in list_methods():
+        cls = _REGISTRY[name]
+        summary = cls.summary.replace("|", "\\|")  # a literal bar inside a table cell
+        lines.append(f"| `{name}` | {cls.paper} | {summary} |")
+    return "\n".join(lines)

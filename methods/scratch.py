@@ -77,6 +77,8 @@ def reinitialise(model: nn.Module, generator: torch.Generator | None = None) -> 
 
 @register_method("scratch")
 class Scratch(PruningMethod):
+    paper = "Wang et al., AAAI 2020"
+    summary = "gates learned on a random network pick the architecture, trained from scratch"
     hyperparameters = (
         replace(PRUNE_RATIO, doc="target MACs reduction against the unexpanded original"),
         Hyperparameter("lambda", 0.5, 0.01, 1.0, log=True, doc="strength of the gate balance term"),

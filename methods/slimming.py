@@ -20,6 +20,8 @@ __all__ = ["Slimming"]
 
 @register_method("slimming")
 class Slimming(PruningMethod):
+    paper = "Liu et al., ICCV 2017"
+    summary = "L1 on batch-norm gammas during a phase, prune by one global |gamma| ranking"
     hyperparameters = (
         PRUNE_RATIO,
         Hyperparameter("s", 1e-4, 1e-5, 1e-3, log=True, doc="L1 strength on batch-norm gammas"),

@@ -383,6 +383,9 @@ def prune_layer(graph: DependencyGraph, group: ChannelGroup, n_keep: int, inputs
 
 @register_method("thinet")
 class ThiNet(PruningMethod):
+    paper = "Luo et al., ICCV 2017"
+    summary = ("greedy channel selection by next-layer reconstruction error + least squares "
+               "(ridge towards w = 1 when samples < 2x kept channels)")
     hyperparameters = (
         PRUNE_RATIO,
         Hyperparameter("samples_per_layer", 512, 64, 4096, kind="int",

@@ -95,6 +95,9 @@ def _front_title(result) -> str:
 def _cmd_methods(args) -> int:
     import methods
 
+    if args.markdown:
+        print(methods.markdown_table())
+        return 0
     for name in methods.list_methods():
         cls = methods.get_method_class(name)
         flags = [f for f, on in (("from scratch", cls.from_scratch), ("dynamic", cls.dynamic)) if on]
@@ -125,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.set_defaults(func=_cmd_resume)
 
     meth = sub.add_parser("methods", help="list the pruning methods and their search spaces")
+    meth.add_argument("--markdown", action="store_true", help="print the README's method table instead")
     meth.set_defaults(func=_cmd_methods)
 
     try:

@@ -16,7 +16,6 @@ hypervolume), ``contributions`` is each point's exclusive share of it.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np

@@ -2,12 +2,14 @@
 method is tested by default: the pruned model runs, is smaller by about the asked ratio, survives
 ``torch.export`` and a save/load round trip with identical outputs."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
 import methods
-from methods import PruneContext, create_method, get_method_class, list_methods
+from methods import (PruneContext, PruneTuneError, PruningMethod, create_method, get_method_class, list_methods,
+                     register_method)
 from methods.cost import profile
 from trainables.model_io import load_model, model_spec, save_model
 from trainables.data import load, make_loader
@@ -58,6 +60,24 @@ def _pruned(name, loader, ratio=0.5):
 
 def test_registry_lists_the_baselines():
     assert {"l1_norm", "random", "slimming"} <= set(list_methods())
+
+
+def test_readme_method_table_is_the_registry():
+    """The README's table is ``prunetune methods --markdown``: a new method's row comes from its class."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert methods.markdown_table() in readme
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows[:len(list_methods())]] == list_methods()
+
+
+def test_a_method_without_paper_or_summary_is_refused_at_registration():
+    class Unlabelled(PruningMethod):
+        def prune(self, model, context):
+            return model
+
+    with pytest.raises(PruneTuneError, match="'unlabelled' .*declares no paper or summary"):
+        register_method("unlabelled")(Unlabelled)
+    assert "unlabelled" not in list_methods()
 
 
 def test_unknown_method_lists_valid_names():
