@@ -295,8 +295,34 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
     budget nothing meets, and :class:`PromotionError` (registered, alias not moved) when the
     re-evaluated test accuracy differs from the recorded one by more than ``tolerance``.
     """
-    from trainables.model_io import load_model
+    _check_arguments(name, alias, tolerance, max_macs, min_accuracy, max_latency_ratio)
+    ref, pick = _choose(source, tracking_uri, latest, max_macs, min_accuracy, max_latency_ratio, allow_running)
+    log.info("promoting %s from sweep %s", _describe(pick), ref.label)
+    data_settings = _data_settings(ref)
+    client = ref.client()
+    model = _download_model(client, pick.run_id)
+    reevaluated, data = _reevaluate(model, data_settings)
+    recorded = pick.test_accuracy
+    validated = math.isfinite(recorded) and abs(reevaluated - recorded) <= tolerance
+    log.info("re-evaluated test accuracy %.4f (recorded %.4f, tolerance %g): %s", reevaluated, recorded, tolerance,
+             "ok" if validated else "MISMATCH")
 
+    run_id, version, model_id, seconds = _record_promotion(client, ref, pick, name, alias, model, data,
+                                                           reevaluated, validated)
+    result = PromotionResult(name, version, alias, validated, validated, pick.run_id, run_id, ref.parent_run_id,
+                             pick.method, pick.accuracy, recorded, reevaluated, pick.macs, pick.params,
+                             f"models:/{name}/{version}", model_id, seconds, pick.latency_ratio, ref.label)
+    if not validated:
+        raise PromotionError(
+            f"promote: validation failed for {name} version {version}: re-evaluated test accuracy {reevaluated:.4f} "
+            f"differs from the recorded {recorded:.4f} by more than {tolerance:g}; alias {alias!r} NOT moved "
+            "(version tagged validation=failed)", result)
+    log.info("%s version %s is now @%s", name, version, alias)
+    return result
+
+
+def _check_arguments(name, alias, tolerance, max_macs, min_accuracy, max_latency_ratio) -> None:
+    """One ConfigError line naming the bad option, before anything is read or registered."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"promote: --name must be a non-empty model name, got {name!r}")
     if not isinstance(alias, str) or not alias.strip():
@@ -310,24 +336,26 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
     if max_latency_ratio is not None and not (math.isfinite(max_latency_ratio) and max_latency_ratio > 0):
         raise ConfigError(f"promote: --max-latency-ratio must be a positive number, got {max_latency_ratio!r}")
 
-    ref, pick = _choose(source, tracking_uri, latest, max_macs, min_accuracy, max_latency_ratio, allow_running)
-    log.info("promoting %s from sweep %s", _describe(pick), ref.label)
-    data_settings = _data_settings(ref)
-    client = ref.client()
+
+def _download_model(client, run_id: str):
+    """The trial's pruned model from its MLflow artifacts."""
+    from trainables.model_io import load_model
 
     no_progress_bar = _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
     with tempfile.TemporaryDirectory(prefix="prunetune-promote-") as tmp, no_progress_bar:
         try:
-            local = client.download_artifacts(pick.run_id, "model", tmp)
+            local = client.download_artifacts(run_id, "model", tmp)
         except Exception as exc:  # noqa: BLE001  (MlflowException / OSError: no such artifact)
-            raise MissingFileError(f"run {pick.run_id} has no model artifacts to promote ({exc})") from None
+            raise MissingFileError(f"run {run_id} has no model artifacts to promote ({exc})") from None
         model, _spec = load_model(local)
-    reevaluated, data = _reevaluate(model, data_settings)
-    recorded = pick.test_accuracy
-    validated = math.isfinite(recorded) and abs(reevaluated - recorded) <= tolerance
-    log.info("re-evaluated test accuracy %.4f (recorded %.4f, tolerance %g): %s", reevaluated, recorded, tolerance,
-             "ok" if validated else "MISMATCH")
+    return model
 
+
+def _record_promotion(client, ref, pick, name: str, alias: str, model, data, reevaluated: float,
+                      validated: bool) -> tuple[str, str, str, float]:
+    """Register the model under ``name`` from a promotion run, tag the version and the source run, and
+    move ``alias`` only if ``validated``. Returns (promotion run id, version, model id, seconds)."""
+    recorded = pick.test_accuracy
     exp_id = client.get_run(ref.parent_run_id).info.experiment_id
     run = client.create_run(exp_id, run_name=f"promote-{name}", tags={
         PROMOTION_TAG: "true", SOURCE_RUN_TAG: pick.run_id, SWEEP_RUN_TAG: ref.parent_run_id, "method": pick.method,
@@ -348,17 +376,7 @@ def promote(source: str | Path, name: str, max_macs: float | None = None, min_ac
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
-
-    result = PromotionResult(name, version, alias, validated, validated, pick.run_id, run_id, ref.parent_run_id,
-                             pick.method, pick.accuracy, recorded, reevaluated, pick.macs, pick.params,
-                             f"models:/{name}/{version}", model_id, seconds, pick.latency_ratio, ref.label)
-    if not validated:
-        raise PromotionError(
-            f"promote: validation failed for {name} version {version}: re-evaluated test accuracy {reevaluated:.4f} "
-            f"differs from the recorded {recorded:.4f} by more than {tolerance:g}; alias {alias!r} NOT moved "
-            "(version tagged validation=failed)", result)
-    log.info("%s version %s is now @%s", name, version, alias)
-    return result
+    return run_id, version, model_id, seconds
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
