@@ -209,6 +209,14 @@ def latency(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, *
                      threads=threads, cuda_amp=cuda_amp)[0]
 
 
+def _check_counts(*, batch_size: int, warmup: int, repeats: int, rounds: int, threads: int | None) -> None:
+    """ArgumentError naming the first count of :func:`latencies` out of range (warmup may be 0)."""
+    for name, value, low in (("batch_size", batch_size, 1), ("warmup", warmup, 0), ("repeats", repeats, 1),
+                             ("rounds", rounds, 1), ("threads", threads, 1)):
+        if value is not None and value < low:
+            raise ArgumentError(f"{name} must be >= {low}, got {value}")
+
+
 def latencies(models: Sequence[nn.Module], input_shape: Sequence[int], batch_size: int = 1, *, warmup: int = 3,
               repeats: int = 10, rounds: int = 1, device: str | torch.device | None = None,
               threads: int | None = None, cuda_amp: bool = True) -> list[LatencyResult]:
@@ -229,16 +237,7 @@ def latencies(models: Sequence[nn.Module], input_shape: Sequence[int], batch_siz
     too. On CPU nothing of that applies: the model runs in its own dtype and memory format.
     """
     shape = _check_shape(input_shape)
-    if batch_size < 1:
-        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
-    if warmup < 0:
-        raise ArgumentError(f"warmup must be >= 0, got {warmup}")
-    if repeats < 1:
-        raise ArgumentError(f"repeats must be >= 1, got {repeats}")
-    if rounds < 1:
-        raise ArgumentError(f"rounds must be >= 1, got {rounds}")
-    if threads is not None and threads < 1:
-        raise ArgumentError(f"threads must be >= 1, got {threads}")
+    _check_counts(batch_size=batch_size, warmup=warmup, repeats=repeats, rounds=rounds, threads=threads)
     models = list(models)
     if not models:
         raise ArgumentError("latencies needs at least one model")
