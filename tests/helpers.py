@@ -1,4 +1,6 @@
 """Small helpers shared by the test modules (pytest puts this folder on sys.path)."""
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -38,3 +40,18 @@ def calibrate_bn(model: nn.Module, shape: tuple[int, ...], n: int = 32) -> nn.Mo
     for m in bns:
         m.momentum = 0.1
     return model.eval()
+
+
+def live_processes():
+    """``(pid, proc_dir, session_id)`` of every live (not zombie) process, read from /proc; a
+    process that exits while we look is skipped."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ...
+        except (OSError, ValueError):
+            continue
+        if fields[0] != "Z":
+            yield int(entry.name), entry, int(fields[3])

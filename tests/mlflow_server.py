@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from helpers import live_processes
 from loopback_cluster import free_port
 
 START_TIMEOUT_S = 60.0
@@ -24,16 +25,12 @@ START_TIMEOUT_S = 60.0
 def _session_members(sid: int) -> list[str]:
     """Live (not zombie) processes in session ``sid``, as "pid cmdline"."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid, entry, session in live_processes():
         try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-            if int(fields[3]) == sid and fields[0] != "Z":  # fields: state ppid pgrp session ...
+            if session == sid:
                 cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append(f"{entry.name} {cmd.strip()}")
-        except (OSError, ValueError, IndexError):
+                found.append(f"{pid} {cmd.strip()}")
+        except OSError:
             continue  # exited while we looked
     return found
 

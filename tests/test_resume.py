@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import prunetune_cli
+from helpers import live_processes, prunetune_cli
 from loopback_cluster import tune_state, wait_mid_sweep
 from search.fronts import DIRECTIONS
 from search.pareto import front
@@ -43,20 +43,13 @@ def _env(mark: str) -> dict[str, str]:
 def _session_processes(sid: int, mark: str) -> list[int]:
     """PIDs in the driver's session or carrying its environment marker (Ray daemons, workers)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid, entry, session in live_processes():
         try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-            if fields[0] == "Z":
-                continue
-            in_session = int(fields[3]) == sid
             marked = f"{MARK}={mark}".encode() in (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError):
+        except OSError:
             continue  # gone meanwhile, or not ours to read
-        if in_session or marked:
-            found.append(int(entry.name))
+        if session == sid or marked:
+            found.append(pid)
     return found
 
 
