@@ -461,3 +461,38 @@ def test_moderate_targets_keep_the_papers_thresholds_with_calibration(phase, dig
         {n: float(g.threshold) for n, g in named_gates(pruned)}
     assert all(g.min_active == 0 for _, g in named_gates(again))
     assert "min_active" not in model_spec(again, "resnet20", 10, in_channels=1)["gating"]
+
+
+def test_cheap_end_trial_resumes_with_its_floor(tmp_path):
+    """A real trial at 95% of the MACs (clipped to the reach) checkpointed after the cut resumes to
+    the same metrics: the floor travels in the saved model's spec, the plan in the method state."""
+    from trainables.base_model import ensure_base_model
+    from trainables.settings import TrainSettings, TrialSettings
+    from trainables.trial import MODEL_DIR, run_trial
+
+    settings = TrialSettings(model="resnet20", dataset="digits", seed=0, use_gpu=False,
+                             base=TrainSettings(epochs=1, batch_size=128),
+                             finetune=TrainSettings(epochs=2, lr=0.01, batch_size=256),
+                             calibration_batches=2, base_dir=str(tmp_path / "base_models"))
+    ensure_base_model(settings)
+    hparams = {"phase_epochs": 1, "prune_ratio": 0.95}
+
+    def run(root, resume_from=None):
+        reports = []
+
+        def report(metrics, save):
+            reports.append(dict(metrics))
+            save(root / f"epoch{metrics['epoch']}")
+        run_trial(settings, "manidp", hparams, report, resume_from=resume_from)
+        return reports
+
+    full = run(tmp_path / "full")
+    saved, _ = load_model(tmp_path / "full" / "epoch1" / MODEL_DIR)  # right after the cut
+    assert {g.min_active for _, g in named_gates(saved)} == {MIN_CHANNELS}
+    resumed = run(tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch1")
+    assert [m["epoch"] for m in resumed] == [2, 3]
+    for want, got in zip(full[1:], resumed):
+        assert (got["accuracy"], got["macs"], got["loss"]) == (want["accuracy"], want["macs"], want["loss"])
+    dense_macs = full[-1]["dense_macs"]
+    assert full[-1]["macs"] >= (1 - plan_keep_rates(create_model("resnet20", 10, in_channels=1), DIGITS, 0.95).reach) \
+        * dense_macs * (1 - 1e-9)  # the floor holds through the fine-tune: never below the reach
