@@ -466,7 +466,8 @@ class ManiDP(PruningMethod):
     # ---- phase hooks ----------------------------------------------------------------------------
     @property
     def eta(self) -> float:
-        """The channel prune rate the keep-rate schedule ends at (from the MACs target)."""
+        """The channel prune rate the keep-rate schedule ends at (from the MACs target); at the
+        cheap end, where each gate has its own (``gate_etas``), the largest of them."""
         return self._eta if self._eta is not None else self.hparams["prune_ratio"]
 
     def gate_etas(self) -> dict[str, float]:
@@ -614,17 +615,23 @@ class ManiDP(PruningMethod):
         pruned = copy.deepcopy(model)
         etas = self.gate_etas() if self._etas is not None else {n: self.eta for n in saliency}
         set_thresholds(pruned, self._thresholds(saliency, lambda n: 1.0 - etas[n]))
-        if context.calibration is not None and self.min_channels > 0:
-            self._cheap_cut(pruned, list(context.calibration), etas)
+        if self.min_channels > 0:
+            self._cheap_cut(pruned, None if context.calibration is None else list(context.calibration), etas)
         return pruned
 
-    def _cheap_cut(self, pruned: nn.Module, batches: list[Any], etas: Mapping[str, float]) -> None:
-        """The floor and the recalibrated thresholds where the paper's thresholds fall short (``prune``)."""
-        short = sorted(n for n, (mean, _) in active_channels(pruned, batches).items() if mean < self.min_channels)
+    def _cheap_cut(self, pruned: nn.Module, batches: list[Any] | None, etas: Mapping[str, float]) -> None:
+        """The floor and the recalibrated thresholds where the paper's thresholds fall short
+        (``prune``); without calibration batches, the floor alone where the plan holds gates at it."""
+        short = [] if batches is None else sorted(
+            n for n, (mean, _) in active_channels(pruned, batches).items() if mean < self.min_channels)
         if not short and not self._floored:
             return
         for _, gate in named_gates(pruned):
             gate.min_active = self.min_channels
+        if batches is None:
+            log.info("manidp: >= %d channels per gate per input; no calibration batches, so the epoch-mean "
+                     "thresholds stand", self.min_channels)
+            return
         calibrate_thresholds(pruned, batches, {n: 1.0 - eta for n, eta in etas.items()})
         log.info("manidp: thresholds recalibrated on the calibration batches with >= %d channels per gate per input "
                  "(%d gates had fewer on average with the epoch-mean thresholds%s)", self.min_channels, len(short),

@@ -496,3 +496,16 @@ def test_cheap_end_trial_resumes_with_its_floor(tmp_path):
     dense_macs = full[-1]["dense_macs"]
     assert full[-1]["macs"] >= (1 - plan_keep_rates(create_model("resnet20", 10, in_channels=1), DIGITS, 0.95).reach) \
         * dense_macs * (1 - 1e-9)  # the floor holds through the fine-tune: never below the reach
+
+
+def test_cheap_end_without_calibration_batches_still_floors_every_gate(digits, val_batches):
+    torch.manual_seed(0)
+    method = create_method("manidp", prune_ratio=0.95, phase_epochs=1)
+    model = method.prepare(copy.deepcopy(_dense("resnet20", DIGITS)), PruneContext(DIGITS))
+    optimizer = method.make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    stats = train_epoch(model, make_loader(digits.train, 32, shuffle=True, seed=0), optimizer,
+                        device=torch.device("cpu"), method=method, max_steps=3)
+    method.on_epoch_end(model, 0, stats.loss)
+    pruned = method.prune(model, PruneContext(DIGITS))  # no calibration: the paper's thresholds + the floor
+    assert {g.min_active for _, g in named_gates(pruned)} == {MIN_CHANNELS}
+    assert all(least >= MIN_CHANNELS for _, least in active_channels(pruned, val_batches).values())
