@@ -470,9 +470,9 @@ class ManiDP(PruningMethod):
         cheap end, where each gate has its own (``gate_etas``), the largest of them."""
         return self._eta if self._eta is not None else self.hparams["prune_ratio"]
 
-    def gate_etas(self) -> dict[str, float]:
-        """Each gate's final prune rate (keep rate ``1 - eta_l``): the plan's, or ``eta`` everywhere."""
-        return dict(self._etas) if self._etas is not None else {n: self.eta for n in self._gate_names}
+    def gate_etas(self, names: Iterable[str]) -> dict[str, float]:
+        """The named gates' final prune rates (keep rate ``1 - eta_l``): the plan's, or ``eta`` everywhere."""
+        return {n: self._etas[n] if self._etas is not None else self.eta for n in names}
 
     def _plan(self, model: nn.Module, context: PruneContext) -> None:
         target = self.hparams["prune_ratio"]
@@ -480,9 +480,9 @@ class ManiDP(PruningMethod):
                                min_channels=self.min_channels, squeeze_rate=self.squeeze_rate)
         self._eta, self._etas, self._floored = max(plan.etas.values()), plan.etas, plan.floored
         if plan.target < plan.requested:
-            log.warning("manidp: prune_ratio %.3f is beyond its reach on %s: with >= %d channels per gate it removes at "
-                        "most %.3f of the dense MACs (the stem, shortcuts, classifier and the gates' own layers are "
-                        "never gated); aiming at %.3f", plan.requested, type(model).__name__, self.min_channels,
+            log.warning("manidp: prune_ratio %.3f is beyond its reach on %s: with >= %d channels per gate it removes "
+                        "at most %.3f of the dense MACs (the stem, shortcuts, classifier and the gates' own layers "
+                        "are never gated); aiming at %.3f", plan.requested, type(model).__name__, self.min_channels,
                         plan.reach, plan.target)
         elif plan.floored:
             log.info("manidp: keep rates %.4f-%.4f per gated layer (>= %d channels per gate) aim at %.4f of the dense "
@@ -562,8 +562,9 @@ class ManiDP(PruningMethod):
         self._sal_sum, self._sal_count = {}, 0
         self._epoch = epoch + 1
         if self._last_saliency:
-            etas = self.gate_etas()
-            set_thresholds(model, self._thresholds(self._last_saliency, lambda n: keep_rate(epoch, self.phase_epochs, etas[n])))
+            etas = self.gate_etas(self._last_saliency)
+            rates = {n: keep_rate(epoch, self.phase_epochs, eta) for n, eta in etas.items()}
+            set_thresholds(model, self._thresholds(self._last_saliency, rates.__getitem__))
             log.info("manidp epoch %d: C=%.4f, keep rate %.3f", epoch, self._C,
                      keep_rate(epoch, self.phase_epochs, self.eta))
 
@@ -613,7 +614,7 @@ class ManiDP(PruningMethod):
             with _eval_mode(model):
                 saliency = mean_saliency(model, context.calibration)
         pruned = copy.deepcopy(model)
-        etas = self.gate_etas() if self._etas is not None else {n: self.eta for n in saliency}
+        etas = self.gate_etas(saliency)
         set_thresholds(pruned, self._thresholds(saliency, lambda n: 1.0 - etas[n]))
         if self.min_channels > 0:
             self._cheap_cut(pruned, None if context.calibration is None else list(context.calibration), etas)

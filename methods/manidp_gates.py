@@ -130,7 +130,8 @@ class ChannelGate(nn.Module):
 
     def extra_repr(self) -> str:
         floor = f", min_active={self.min_active}" if self.min_active else ""
-        return f"kernel_size={self.kernel_size}, clamp_max={self.clamp_max}, threshold={float(self.threshold):.4g}{floor}"
+        return (f"kernel_size={self.kernel_size}, clamp_max={self.clamp_max}, "
+                f"threshold={float(self.threshold):.4g}{floor}")
 
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor | None = None,

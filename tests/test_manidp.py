@@ -389,7 +389,8 @@ def test_prepare_says_in_one_line_when_the_target_is_beyond_reach(caplog):
     assert lines[0].startswith("manidp: prune_ratio 0.980 is beyond its reach on CifarResNet") and "0.932" in lines[0]
     caplog.clear()
     with caplog.at_level("WARNING", logger="methods.manidp"):  # within reach: nothing to say
-        create_method("manidp", prune_ratio=0.92).prepare(copy.deepcopy(_dense("resnet20", DIGITS)), PruneContext(DIGITS))
+        create_method("manidp", prune_ratio=0.92).prepare(copy.deepcopy(_dense("resnet20", DIGITS)),
+                                                          PruneContext(DIGITS))
     assert not caplog.records
 
 
