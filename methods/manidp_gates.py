@@ -12,6 +12,9 @@ Placement follows the official code (huawei-noah/Pruning, ManiDP/models/resnet_*
 * the last conv of a block (basic conv2; bottleneck conv3): the mask multiplies the BN output
   before the residual add (an off channel adds nothing to the shortcut).
 
+``ChannelGate.min_active`` (0, the paper's gate, unless ManiDP sets it at the cheap end) keeps each
+input's ``min_active`` most salient channels on whatever the threshold.
+
 Every conv of a block is gated (the official code has no bottleneck; gating conv3 as well is our
 choice, the same rule as the basic block's last conv). The stem, the shortcut convs and the
 classifier are never gated.
@@ -78,6 +81,9 @@ class ChannelGate(nn.Module):
         self.squeeze_rate = int(squeeze_rate)
         self.kernel_size = (int(kernel_size[0]), int(kernel_size[1]))
         self.register_buffer("threshold", torch.tensor(float("-inf")))
+        #: Channels each input keeps whatever the threshold (0: none, the paper's gate); a plain
+        #: attribute (a structural choice, like the widths), carried by ``gating_spec``.
+        self.min_active = 0
 
     def saliency_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """``pi`` from the globally average-pooled conv input ``(B, C_in)``."""
@@ -88,8 +94,16 @@ class ChannelGate(nn.Module):
         return self.saliency_from_pooled(x.mean(dim=(2, 3)))
 
     def mask(self, pi: torch.Tensor) -> torch.Tensor:
-        """``pi * 1[pi >= threshold]`` (a multiplication, no data-dependent control flow)."""
-        return torch.where(pi >= self.threshold, pi, torch.zeros_like(pi))
+        """``pi * 1[pi >= threshold]`` (no data-dependent control flow). With ``min_active`` = n > 0
+        (set by ManiDP at the cheap end only; 0, the paper's gate, everywhere else) each input's n
+        most salient channels are kept whatever the threshold: ``1[pi >= threshold or pi >= its
+        n largest pi]`` (exactly n on ties, as ``torch.topk`` picks them; a channel with ``pi == 0``
+        stays off: its output is zero anyway)."""
+        keep = pi >= self.threshold
+        if self.min_active > 0:
+            top = torch.topk(pi, min(self.min_active, pi.shape[1]), dim=1).indices
+            keep = keep.scatter(1, top, True)
+        return torch.where(keep, pi, torch.zeros_like(pi))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor,
                 in_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +129,9 @@ class ChannelGate(nn.Module):
         return int(self.conv_macs(x, y, in_mask, output[1]).sum())
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, clamp_max={self.clamp_max}, threshold={float(self.threshold):.4g}"
+        floor = f", min_active={self.min_active}" if self.min_active else ""
+        return (f"kernel_size={self.kernel_size}, clamp_max={self.clamp_max}, "
+                f"threshold={float(self.threshold):.4g}{floor}")
 
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor | None = None,
@@ -324,8 +340,12 @@ def gating_spec(model: nn.Module) -> dict[str, Any] | None:
     if not blocks:
         return None
     gate = blocks[0][1].gate1
-    return {"type": "manidp", "blocks": [name for name, _ in blocks], "clamp_max": gate.clamp_max,
+    spec = {"type": "manidp", "blocks": [name for name, _ in blocks], "clamp_max": gate.clamp_max,
             "squeeze_rate": gate.squeeze_rate}
+    floors = {name: g.min_active for name, g in named_gates(model) if g.min_active}
+    if floors:  # only where set (ManiDP's cheap end): specs written before it load unchanged
+        spec["min_active"] = floors
+    return spec
 
 
 def apply_gating(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
@@ -337,4 +357,9 @@ def apply_gating(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     names = [name for name, _ in gated_blocks(model)]
     if names != list(spec["blocks"]):
         raise SurgeryError(f"gated blocks {names} do not match the spec's {list(spec['blocks'])}")
+    gates = dict(named_gates(model))
+    for name, n in spec.get("min_active", {}).items():
+        if name not in gates:
+            raise SurgeryError(f"the spec's min_active names a gate {name!r} the model does not have")
+        gates[name].min_active = int(n)
     return model

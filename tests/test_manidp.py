@@ -12,10 +12,10 @@ from helpers import calibrate_bn
 from methods import PruneContext, SurgeryError, create_method
 from methods.cost import profile
 from methods.manidp import (
-    SkippingView, average_macs, complexity_weights, keep_rate, similarity_loss, skipping_forward, sparsity_loss,
-    thresholds_from_saliency,
+    MIN_CHANNELS, SkippingView, _gate_costs, active_channels, average_macs, complexity_weights, eta_for_target,
+    keep_rate, plan_keep_rates, similarity_loss, skipping_forward, sparsity_loss, thresholds_from_saliency,
 )
-from methods.manidp_gates import GatedBlock, gate_model, gated_blocks, named_gates
+from methods.manidp_gates import DEFAULT_SQUEEZE_RATE, GatedBlock, gate_model, gated_blocks, named_gates
 from trainables.data import load, make_loader
 from trainables.model_io import load_model, model_spec, save_model
 from trainables.models import create_model
@@ -334,3 +334,179 @@ def test_trial_latency_is_measured_on_the_skipping_path(tmp_path):
     assert all("latency_model" not in m for m in reports[:-1])  # measured once, at the end
     static = run_trial(settings, "l1_norm", {"prune_ratio": 0.5}, lambda metrics, save: None)
     assert static["latency_model"] == type(create_model("resnet20", 10, in_channels=1)).__name__
+
+
+# ---- the cheap end: per-gate keep rates with a floor, the method's reach, the recalibrated cut -------------
+def _gate_widths(model):
+    return {n: g.fc2.out_features for n, g in named_gates(model)}
+
+
+def test_keep_plan_is_the_papers_one_rate_at_moderate_targets():
+    dense = _dense("resnet20", DIGITS)
+    for target in (0.5, 0.6, 0.8, 0.9):
+        plan = plan_keep_rates(dense, DIGITS, target)
+        eta = eta_for_target(dense, DIGITS, target)
+        assert not plan.floored and plan.target == plan.requested == target
+        assert len(plan.etas) == 18 and set(plan.etas.values()) == {eta}  # exactly the paper's one eta
+
+
+def test_keep_plan_holds_every_gate_at_the_floor_and_hits_the_target_or_its_reach():
+    dense = _dense("resnet20", DIGITS)
+    widths = _gate_widths(gate_model(copy.deepcopy(dense)))
+    dense_macs = profile(dense, DIGITS).macs
+    # The reach is what the real accounting measures with every gate at exactly min_channels per
+    # input (threshold +inf, the floor keeps each input's two most salient channels).
+    floored = _randomize_gates(gate_model(copy.deepcopy(dense)), threshold=float("inf"))
+    for _, gate in named_gates(floored):
+        gate.min_active = MIN_CHANNELS
+    x = torch.randn(16, *DIGITS)
+    reach = plan_keep_rates(dense, DIGITS, 0.5).reach
+    assert 0.9 < reach < 0.95
+    assert average_macs(floored, [x], DIGITS) == pytest.approx((1 - reach) * dense_macs, rel=1e-9)
+    # Within reach: the floor binds in the thin layers, the others share what is left, the
+    # planned cost is the target's.
+    plan = plan_keep_rates(dense, DIGITS, 0.92)
+    assert plan.floored and plan.target == 0.92 and plan.reach == pytest.approx(reach)
+    keep = {n: 1 - eta for n, eta in plan.etas.items()}
+    assert all(keep[n] * c >= MIN_CHANNELS - 1e-9 for n, c in widths.items())
+    assert min(keep[n] * c for n, c in widths.items()) == pytest.approx(MIN_CHANNELS)
+    costs = _gate_costs(dense, DIGITS, DEFAULT_SQUEEZE_RATE)
+    assert 1 - costs.cost(keep) / dense_macs == pytest.approx(0.92, abs=1e-6)
+    # Beyond reach (the issue's 0.95-0.98): clipped to the reach, every gate at the floor.
+    for target in (0.95, 0.98):
+        plan = plan_keep_rates(dense, DIGITS, target)
+        assert plan.requested == target and plan.target == pytest.approx(reach)
+        assert {n: round((1 - eta) * widths[n], 9) for n, eta in plan.etas.items()} == \
+            {n: MIN_CHANNELS for n in widths}
+
+
+def test_prepare_says_in_one_line_when_the_target_is_beyond_reach(caplog):
+    method = create_method("manidp", prune_ratio=0.98, phase_epochs=1)
+    with caplog.at_level("WARNING", logger="methods.manidp"):
+        method.prepare(copy.deepcopy(_dense("resnet20", DIGITS)), PruneContext(DIGITS))
+    lines = [r.getMessage() for r in caplog.records if r.name == "methods.manidp"]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].startswith("manidp: prune_ratio 0.980 is beyond its reach on CifarResNet") and "0.932" in lines[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="methods.manidp"):  # within reach: nothing to say
+        create_method("manidp", prune_ratio=0.92).prepare(copy.deepcopy(_dense("resnet20", DIGITS)),
+                                                          PruneContext(DIGITS))
+    assert not caplog.records
+
+
+def test_floor_keeps_the_most_salient_channels_per_input_on_every_path(tmp_path):
+    torch.manual_seed(2)
+    gated = _randomize_gates(gate_model(copy.deepcopy(_dense("resnet20", (3, 16, 16)))), threshold=float("inf"))
+    for _, gate in named_gates(gated):
+        gate.min_active = 3
+    x = torch.randn(4, 3, 16, 16)
+    pis, masks = [], []
+    hooks = [g.register_forward_hook(lambda m, i, o: masks.append(o[1]) or pis.append(o[2]))
+             for _, g in named_gates(gated)]
+    with torch.no_grad():
+        masked = gated(x)
+    for h in hooks:
+        h.remove()
+    for pi, m in zip(pis, masks):  # exactly the 3 largest saliencies of each input, at their value
+        top = torch.topk(pi, 3, dim=1).indices
+        assert torch.equal(m, torch.zeros_like(pi).scatter(1, top, pi.gather(1, top)))
+    skipped, macs = skipping_forward(gated, x, return_macs=True)
+    torch.testing.assert_close(skipped, masked, rtol=1e-4, atol=1e-4)
+    assert round(average_macs(gated, [x], (3, 16, 16)) * len(x)) == sum(macs)
+    spec = model_spec(gated, "resnet20", 10, in_channels=3)
+    assert set(spec["gating"]["min_active"].values()) == {3}
+    save_model(gated, tmp_path / "m", spec)
+    reloaded, _ = load_model(tmp_path / "m")
+    assert {n: g.min_active for n, g in named_gates(reloaded)} == {n: 3 for n, _ in named_gates(gated)}
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), masked)
+    torch.testing.assert_close(torch.export.export(gated, (x,)).module()(x), masked)
+
+
+@pytest.fixture(scope="module")
+def cheap_phase(digits):
+    """The issue's collapse case: dense resnet20 -> prepare at 95% of the MACs -> a 2-epoch phase
+    (a few real steps each) -> prune with calibration batches."""
+    torch.manual_seed(0)
+    method = create_method("manidp", prune_ratio=0.95, phase_epochs=2)
+    model = method.prepare(copy.deepcopy(_dense("resnet20", DIGITS)), PruneContext(DIGITS))
+    loader = make_loader(digits.train, 32, shuffle=True, seed=0)
+    optimizer = method.make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for epoch in range(2):
+        stats = train_epoch(model, loader, optimizer, device=torch.device("cpu"), method=method, max_steps=5)
+        method.on_epoch_end(model, epoch, stats.loss)
+    calibration = [b for _, b in zip(range(4), make_loader(digits.train, 64, shuffle=True, seed=1))]
+    pruned = method.prune(model, PruneContext(DIGITS, calibration=calibration)).eval()
+    return method, pruned
+
+
+def test_cheap_end_keeps_the_floor_in_every_gate_and_lands_near_its_reach(cheap_phase, val_batches):
+    method, pruned = cheap_phase
+    active = active_channels(pruned, val_batches)
+    assert len(active) == 18
+    assert all(least >= MIN_CHANNELS for _, least in active.values()), active  # every gate, every input
+    dense_macs = profile(_dense("resnet20", DIGITS), DIGITS).macs
+    reach = plan_keep_rates(_dense("resnet20", DIGITS), DIGITS, 0.95).reach
+    fraction = average_macs(pruned, val_batches, DIGITS) / dense_macs
+    # The plan aims at 1 - reach; the floor adds channels to the inputs whose saliencies clear the
+    # recalibrated threshold in fewer than two, so it lands at or a little above.
+    assert 1.0 * (1 - reach) <= fraction <= 1.25 * (1 - reach), (fraction, 1 - reach)
+    assert method.state_dict()["floored"] is True
+
+
+def test_moderate_targets_keep_the_papers_thresholds_with_calibration(phase, digits):
+    dense, method, model, pruned, _ = phase
+    calibration = [b for _, b in zip(range(4), make_loader(digits.train, 64, shuffle=True, seed=1))]
+    again = method.prune(model, PruneContext(DIGITS, calibration=calibration))
+    assert {n: float(g.threshold) for n, g in named_gates(again)} == \
+        {n: float(g.threshold) for n, g in named_gates(pruned)}
+    assert all(g.min_active == 0 for _, g in named_gates(again))
+    assert "min_active" not in model_spec(again, "resnet20", 10, in_channels=1)["gating"]
+
+
+def test_cheap_end_trial_resumes_with_its_floor(tmp_path):
+    """A real trial at 95% of the MACs (clipped to the reach) checkpointed after the cut resumes to
+    the same metrics: the floor travels in the saved model's spec, the plan in the method state."""
+    from trainables.base_model import ensure_base_model
+    from trainables.settings import TrainSettings, TrialSettings
+    from trainables.trial import MODEL_DIR, run_trial
+
+    settings = TrialSettings(model="resnet20", dataset="digits", seed=0, use_gpu=False,
+                             base=TrainSettings(epochs=1, batch_size=128),
+                             finetune=TrainSettings(epochs=2, lr=0.01, batch_size=256),
+                             calibration_batches=2, base_dir=str(tmp_path / "base_models"))
+    ensure_base_model(settings)
+    hparams = {"phase_epochs": 1, "prune_ratio": 0.95}
+
+    def run(root, resume_from=None):
+        reports = []
+
+        def report(metrics, save):
+            reports.append(dict(metrics))
+            save(root / f"epoch{metrics['epoch']}")
+        run_trial(settings, "manidp", hparams, report, resume_from=resume_from)
+        return reports
+
+    full = run(tmp_path / "full")
+    saved, _ = load_model(tmp_path / "full" / "epoch1" / MODEL_DIR)  # right after the cut
+    assert {g.min_active for _, g in named_gates(saved)} == {MIN_CHANNELS}
+    resumed = run(tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch1")
+    assert [m["epoch"] for m in resumed] == [2, 3]
+    for want, got in zip(full[1:], resumed):
+        assert (got["accuracy"], got["macs"], got["loss"]) == (want["accuracy"], want["macs"], want["loss"])
+    dense_macs = full[-1]["dense_macs"]
+    assert full[-1]["macs"] >= (1 - plan_keep_rates(create_model("resnet20", 10, in_channels=1), DIGITS, 0.95).reach) \
+        * dense_macs * (1 - 1e-9)  # the floor holds through the fine-tune: never below the reach
+
+
+def test_cheap_end_without_calibration_batches_still_floors_every_gate(digits, val_batches):
+    torch.manual_seed(0)
+    method = create_method("manidp", prune_ratio=0.95, phase_epochs=1)
+    model = method.prepare(copy.deepcopy(_dense("resnet20", DIGITS)), PruneContext(DIGITS))
+    optimizer = method.make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    stats = train_epoch(model, make_loader(digits.train, 32, shuffle=True, seed=0), optimizer,
+                        device=torch.device("cpu"), method=method, max_steps=3)
+    method.on_epoch_end(model, 0, stats.loss)
+    pruned = method.prune(model, PruneContext(DIGITS))  # no calibration: the paper's thresholds + the floor
+    assert {g.min_active for _, g in named_gates(pruned)} == {MIN_CHANNELS}
+    assert all(least >= MIN_CHANNELS for _, least in active_channels(pruned, val_batches).values())

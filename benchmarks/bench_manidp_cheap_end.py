@@ -1,0 +1,62 @@
+"""ManiDP at the cheap end of the quickstart: one quickstart trial (ResNet-20 on 8x8 digits, the
+config's base, phase and fine-tune) per (seed, prune_ratio), validation accuracy and the fraction of
+the dense MACs it really uses on average (``1 - macs_reduction``).
+
+    python benchmarks/bench_manidp_cheap_end.py [--ratios 0.6 0.9 0.95 0.97] [--seeds 0 1]
+        [--phase-epochs 2] [--code DIR] [--storage /tmp/lead_exp]
+
+``--code DIR`` runs the trials with the package from another checkout (e.g. ``git archive`` of the
+commit before a change, unpacked into DIR), so a before/after table comes from one script with the
+same config, seeds and dense bases (the base models are cached under ``--storage`` by content hash).
+Trials run one after the other with one thread each, as a quickstart worker does.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.6, 0.9, 0.95, 0.97])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--phase-epochs", type=int, default=2)
+    parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1],
+                        help="checkout whose methods/trainables/search packages run the trials")
+    parser.add_argument("--storage", default="/tmp/lead_exp", help="where the dense base models are cached")
+    args = parser.parse_args()
+    code = args.code.resolve()
+    sys.path.insert(0, str(code))
+    import torch
+
+    torch.set_num_threads(1)
+    import methods
+    from search.config import load_config
+    from search.sweep import settings_from_config
+    from trainables.base_model import ensure_base_model
+    from trainables.trial import run_trial
+
+    logging.basicConfig(level=logging.WARNING)
+    print(f"code: {Path(methods.__file__).parent.parent}")
+    rows = []
+    for seed in args.seeds:
+        cfg = load_config(str(code / "configs" / "quickstart.yaml"), [f"storage_path={args.storage}", f"seed={seed}"])
+        settings = settings_from_config(cfg)
+        ensure_base_model(settings)
+        for ratio in args.ratios:
+            t0 = time.perf_counter()
+            m = run_trial(settings, "manidp", {"prune_ratio": ratio, "phase_epochs": args.phase_epochs},
+                          lambda metrics, save: None)
+            rows.append((seed, ratio, m["accuracy"], 1.0 - m["macs_reduction"], time.perf_counter() - t0))
+            print(f"seed {seed} prune_ratio {ratio:.2f}: val accuracy {m['accuracy']:.3f} at "
+                  f"{100 * (1.0 - m['macs_reduction']):.1f}% of the dense MACs ({rows[-1][-1]:.0f} s)", flush=True)
+    print("\n| seed | prune_ratio | val accuracy | % of dense MACs |\n| --- | --- | --- | --- |")
+    for seed, ratio, acc, frac, _ in rows:
+        print(f"| {seed} | {ratio:.2f} | {acc:.3f} | {100 * frac:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
