@@ -1,7 +1,8 @@
 """The MLflow store a sweep writes to: opened safely, named absolutely.
 
 ``open_client`` builds an ``MlflowClient`` whose store is ready; for SQLite it creates or migrates
-the database under a file lock beside it (``<db>.lock``), so two drivers that first use one new
+the database under a file lock beside it (``<db>.lock``; a new one is a copy of an empty database of
+the installed MLflow, ``search.schema_cache``, rather than ~100 schema migrations), so two drivers that first use one new
 database at the same time cannot both create its tables (which broke it for good: ``table
 experiments already exists``, ``duplicate column name: step``). ``absolute_uri`` resolves a relative
 SQLite path, which is what a sweep records so that resume, fronts and promote work from any
@@ -15,6 +16,8 @@ from urllib.parse import unquote, urlparse
 from mlflow.tracking import MlflowClient
 
 from methods.errors import ConfigError
+
+from .schema_cache import copy_fresh_database
 
 __all__ = ["open_client", "absolute_uri", "sqlite_path", "STORE_LOCK_TIMEOUT_S"]
 
@@ -55,6 +58,8 @@ def open_client(uri: str, *, create: bool = True) -> MlflowClient:
                           "pass --tracking-uri or move it back")
     try:
         with FileLock(str(db) + ".lock", timeout=STORE_LOCK_TIMEOUT_S):
+            if not db.exists():  # a copy of an empty database of this MLflow: no migrations to run
+                copy_fresh_database(db)
             client = MlflowClient(uri)  # MLflow 3 builds the store here: creates or migrates the schema
             client.search_experiments(max_results=1)
     except Timeout:
