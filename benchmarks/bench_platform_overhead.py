@@ -75,6 +75,11 @@ def child(overrides: list[str], out: str) -> None:
     trials = [((r.info.end_time or 0) - r.info.start_time) / 1000 for r in runs]
     Path(out).write_text(json.dumps({"imports": imports, "timings": getattr(result, "timings", {}), "trials": trials,
                                      "finished": result.finished}))
+    try:  # what `prunetune run` does before it exits (absent from older checkouts)
+        from search.cli import freeze_for_exit
+    except ImportError:
+        return
+    freeze_for_exit()
 
 
 def _steady(times: list[float], concurrency: int) -> float:

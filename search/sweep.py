@@ -76,6 +76,13 @@ def settings_from_config(cfg: SweepConfig):
     )
 
 
+#: Ray settings of an embedded node. No idle workers started when the driver connects: Ray starts
+#: one per CPU then, with no runtime environment, and Tune's trial actors never take them (Tune
+#: gives every trial actor one: ``env_vars``), so on a small machine they only take CPU from the
+#: driver's start (the actors' own workers start when Tune asks for them, as before).
+EMBEDDED_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
+
+
 def _init_ray(cfg: SweepConfig) -> Reaper | bool:
     """Join ``cfg.address`` or start an embedded local Ray. Falsy if Ray was running already; True
     after joining a cluster; for an embedded node the ``Reaper`` that ends its processes with this
@@ -99,7 +106,8 @@ def _init_ray(cfg: SweepConfig) -> Reaper | bool:
     clusters = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 _system_config=EMBEDDED_SYSTEM_CONFIG)
     except BaseException:
         reaper.stop()
         raise
