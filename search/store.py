@@ -6,18 +6,22 @@ the installed MLflow, ``search.schema_cache``, rather than ~100 schema migration
 database at the same time cannot both create its tables (which broke it for good: ``table
 experiments already exists``, ``duplicate column name: step``). ``absolute_uri`` resolves a relative
 SQLite path, which is what a sweep records so that resume, fronts and promote work from any
-directory. Light on imports (no Ray): a process that only reads records loads this alone.
+directory. Light on imports (no Ray; MLflow only when a client is opened, so the sweep's preflight,
+which names the database absolutely, does not wait for MLflow's import before Ray starts): a process
+that only reads records loads this alone.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
-
-from mlflow.tracking import MlflowClient
 
 from methods.errors import ConfigError
 
 from .schema_cache import copy_fresh_database
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 __all__ = ["open_client", "absolute_uri", "sqlite_path", "STORE_LOCK_TIMEOUT_S"]
 
@@ -49,6 +53,7 @@ def open_client(uri: str, *, create: bool = True) -> MlflowClient:
     missing database is an error (reading a sweep must not leave an empty database behind). A
     database that cannot be opened is one ConfigError line naming the file."""
     from filelock import FileLock, Timeout
+    from mlflow.tracking import MlflowClient
 
     db = sqlite_path(uri)
     if db is None:

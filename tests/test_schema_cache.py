@@ -19,11 +19,14 @@ def cache(tmp_path, monkeypatch):
 
 
 def _schema(db) -> list:
+    """Every table and index with its clauses (columns, constraints) in sorted order: MLflow's own
+    migrations, run twice in one process, list a table's constraints in another order."""
     con = sqlite3.connect(db)
     try:
-        return sorted(con.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"))
+        rows = con.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchall()
     finally:
         con.close()
+    return sorted((kind, name, tuple(sorted((sql or "").split(", \n\t")))) for kind, name, sql in rows)
 
 
 def _revision(db) -> str:
