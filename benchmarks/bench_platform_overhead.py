@@ -15,7 +15,8 @@ start a worker); fixed cost = wall - waves x per-trial cost (waves = ceil(trials
 The sweep's fixed cost is split into its parts: driver imports (before ``run_sweep``), the MLflow
 database and parent run, Ray start (in a thread, overlapping the rest) and what the driver waited
 for it, the dense base check, Tune beyond waves x per-trial (worker start-up, scheduling), the front,
-Ray stop, and the rest (interpreter start, preflight, exit). Min / median / max over repeats, and
+Ray stop (where the sweep reports ``ray_stop_wait``, Ray stops beside the front and only the wait
+counts), and the rest (interpreter start, preflight, exit). Min / median / max over repeats, and
 the load average before and after (the machine is shared).
 
 ``--compare-with DIR`` also runs, in each repeat right after this checkout's sweep, the same sweep
@@ -75,6 +76,11 @@ def child(overrides: list[str], out: str) -> None:
     trials = [((r.info.end_time or 0) - r.info.start_time) / 1000 for r in runs]
     Path(out).write_text(json.dumps({"imports": imports, "timings": getattr(result, "timings", {}), "trials": trials,
                                      "finished": result.finished}))
+    try:  # what `prunetune run` does before it exits (absent from older checkouts)
+        from search.cli import freeze_for_exit
+    except ImportError:
+        return
+    freeze_for_exit()
 
 
 def _steady(times: list[float], concurrency: int) -> float:
@@ -114,8 +120,11 @@ def _measure(args, plain: float, pool_trial: float, sweep: float, rec: dict) -> 
                       "ray_wait": t.get("ray_wait", 0.0), "base": t.get("base", 0.0),
                       "tune_extra": t.get("tune", 0.0) - waves * sweep_trial, "front": t.get("front", 0.0),
                       "ray_stop": t.get("ray_stop", 0.0)})
+        if "ray_stop_wait" in t:  # Ray stops in its thread beside the front; the driver waits for the rest
+            parts["ray_stop_wait"] = t["ray_stop_wait"]
+    overlapping = {"ray_start", "ray_stop"} if "ray_stop_wait" in parts else {"ray_start"}
     fixed = sweep - waves * sweep_trial
-    parts["rest"] = fixed - sum(v for k, v in parts.items() if k != "ray_start")  # ray_start overlaps
+    parts["rest"] = fixed - sum(v for k, v in parts.items() if k not in overlapping)
     return {"plain": plain, "sweep": sweep, "ratio": sweep / plain, "pool_trial": pool_trial,
             "sweep_trial": sweep_trial, "trial_ratio": sweep_trial / pool_trial,
             "pool_fixed": plain - waves * pool_trial, "fixed": fixed, "parts": parts,
@@ -137,7 +146,8 @@ def report(args, results: list[dict], loads: tuple) -> None:
             ("fixed cost, plain pool (s)", "pool_fixed"), ("fixed cost, sweep (s)", "fixed")]
     for label, key in rows:
         print(f"{label:32s} {_mmm([r[key] for r in results])}")
-    print("sweep fixed cost by part (s; ray_start runs beside mlflow/base, ray_wait is what the driver waited):")
+    print("sweep fixed cost by part (s; ray_start runs beside mlflow/base, ray_wait is what the driver waited; "
+          "ray_stop runs beside the front where ray_stop_wait is given, what the driver waited for it then):")
     for part in results[0]["parts"]:
         print(f"  {part:30s} {_mmm([r['parts'][part] for r in results])}")
     print("first trial on each worker (s):", [[round(x, 1) for x in r["first_trials"]] for r in results])

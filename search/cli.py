@@ -142,10 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def freeze_for_exit() -> None:
+    """Put every object alive now out of the cyclic garbage collector's reach, so that the
+    interpreter's exit does not traverse the ~1.5 M objects torch, MLflow and Ray import (about 1 s
+    of a 2-core machine's exit, 0.2 s after). For a process that ends next only: what is frozen is
+    never collected (``atexit`` handlers still run)."""
+    import gc
+
+    gc.freeze()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done; 2 bad input; 1 an internal error; 128 + signal number when SIGINT (130)
     or SIGTERM (143) interrupted a sweep. Every error is one line on stderr (``-v``: with the
-    traceback in the log)."""
+    traceback in the log). As the program (``argv`` None), it ends with ``freeze_for_exit``."""
+    try:
+        return _main(argv)
+    finally:
+        if argv is None:
+            freeze_for_exit()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from .sweep import SweepInterrupted
 
     parser = build_parser()

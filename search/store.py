@@ -1,20 +1,27 @@
 """The MLflow store a sweep writes to: opened safely, named absolutely.
 
 ``open_client`` builds an ``MlflowClient`` whose store is ready; for SQLite it creates or migrates
-the database under a file lock beside it (``<db>.lock``), so two drivers that first use one new
+the database under a file lock beside it (``<db>.lock``; a new one is a copy of an empty database of
+the installed MLflow, ``search.schema_cache``, rather than ~100 schema migrations), so two drivers that first use one new
 database at the same time cannot both create its tables (which broke it for good: ``table
 experiments already exists``, ``duplicate column name: step``). ``absolute_uri`` resolves a relative
 SQLite path, which is what a sweep records so that resume, fronts and promote work from any
-directory. Light on imports (no Ray): a process that only reads records loads this alone.
+directory. Light on imports (no Ray; MLflow only when a client is opened, so the sweep's preflight,
+which names the database absolutely, does not wait for MLflow's import before Ray starts): a process
+that only reads records loads this alone.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from mlflow.tracking import MlflowClient
-
 from methods.errors import ConfigError
+
+from .schema_cache import copy_fresh_database
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 __all__ = ["open_client", "absolute_uri", "sqlite_path", "STORE_LOCK_TIMEOUT_S"]
 
@@ -46,6 +53,7 @@ def open_client(uri: str, *, create: bool = True) -> MlflowClient:
     missing database is an error (reading a sweep must not leave an empty database behind). A
     database that cannot be opened is one ConfigError line naming the file."""
     from filelock import FileLock, Timeout
+    from mlflow.tracking import MlflowClient
 
     db = sqlite_path(uri)
     if db is None:
@@ -55,6 +63,8 @@ def open_client(uri: str, *, create: bool = True) -> MlflowClient:
                           "pass --tracking-uri or move it back")
     try:
         with FileLock(str(db) + ".lock", timeout=STORE_LOCK_TIMEOUT_S):
+            if not db.exists():  # a copy of an empty database of this MLflow: no migrations to run
+                copy_fresh_database(db)
             client = MlflowClient(uri)  # MLflow 3 builds the store here: creates or migrates the schema
             client.search_experiments(max_results=1)
     except Timeout:

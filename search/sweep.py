@@ -72,6 +72,13 @@ def settings_from_config(cfg: SweepConfig):
     )
 
 
+#: Ray settings of an embedded node. No idle workers started when the driver connects: Ray starts
+#: one per CPU then, with no runtime environment, and Tune's trial actors never take them (Tune
+#: gives every trial actor one: ``env_vars``), so on a small machine they only take CPU from the
+#: driver's start (the actors' own workers start when Tune asks for them, as before).
+EMBEDDED_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
+
+
 def _init_ray(cfg: SweepConfig) -> Reaper | bool:
     """Join ``cfg.address`` or start an embedded local Ray. Falsy if Ray was running already; True
     after joining a cluster; for an embedded node the ``Reaper`` that ends its processes with this
@@ -95,7 +102,8 @@ def _init_ray(cfg: SweepConfig) -> Reaper | bool:
     clusters = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 _system_config=EMBEDDED_SYSTEM_CONFIG)
     except BaseException:
         reaper.stop()
         raise
@@ -177,11 +185,13 @@ def _run_parent(cfg: SweepConfig, exp_dir: str, client, parent: str, parent_run_
 class _RayNode:
     """Ray for one sweep, started (``_init_ray``) in a thread of its own at once, so the driver opens
     MLflow and prepares the dense base model meanwhile. ``wait()`` blocks until Ray is up and raises
-    the start's error, if any; ``stop()`` (idempotent, on every path) waits for the start, ends
-    whatever it started and lets the thread end. The thread lives until then: Ray starts its GCS and
-    raylet with ``PR_SET_PDEATHSIG``, which kills them when the *thread* that forked them ends. A
-    start that failed while the driver was failing for another reason is logged as its own line.
-    ``timings``: seconds per start-up part, for the log line and ``SweepResult.timings``."""
+    the start's error, if any. ``release()`` has the same thread stop Ray (``_end_ray``) while the
+    driver goes on (with the front: it needs MLflow only); ``stop()`` (idempotent, on every path)
+    releases it if that has not happened yet and waits until Ray is stopped and the thread ended.
+    The thread lives until then: Ray starts its GCS and raylet with ``PR_SET_PDEATHSIG``, which kills
+    them when the *thread* that forked them ends. A start that failed while the driver was failing
+    for another reason is logged as its own line. ``timings``: seconds per start-up part, for the
+    log line and ``SweepResult.timings`` (``ray_stop_wait``: what ``stop()`` waited for)."""
 
     def __init__(self, cfg: SweepConfig) -> None:
         self.timings: dict[str, float] = {}
@@ -205,6 +215,13 @@ class _RayNode:
             self.timings["ray_start"] = time.perf_counter() - t0
             self._ready.set()
         self._release.wait()
+        if self._error is None and self._started:
+            t0 = time.perf_counter()
+            try:
+                _end_ray(self._started)
+            except Exception:  # noqa: BLE001  (never masks how the sweep ended)
+                log.warning("stopping Ray failed", exc_info=True)
+            self.timings["ray_stop"] = time.perf_counter() - t0
 
     def wait(self) -> None:
         t0 = time.perf_counter()
@@ -216,27 +233,57 @@ class _RayNode:
             self._raised = True
             raise self._error
 
+    def release(self) -> None:
+        """Stop Ray in the background: nothing may use it after this."""
+        self._release.set()
+
     def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
-        try:
-            self._ready.wait()
-            if self._error is not None:
-                if not self._raised:
-                    log.error("Ray start failed as well: %s", _reason(self._error))
-                return
-            if self._started:
-                import ray
+        t0 = time.perf_counter()
+        self._ready.wait()
+        if self._error is not None and not self._raised:
+            log.error("Ray start failed as well: %s", _reason(self._error))
+        self._release.set()
+        self._thread.join()
+        if self._error is None and self._started:
+            self.timings["ray_stop_wait"] = time.perf_counter() - t0
 
-                t0 = time.perf_counter()
-                ray.shutdown()
-                if hasattr(self._started, "stop"):
-                    self._started.stop()
-                self.timings["ray_stop"] = time.perf_counter() - t0
-        finally:
-            self._release.set()
-            self._thread.join()
+
+def _end_ray(started: Reaper | bool) -> None:
+    """``ray.shutdown`` and, for an embedded node, its reaper; the node's helper processes are asked
+    to end first (``_end_helpers``)."""
+    import ray
+
+    embedded = hasattr(started, "stop")
+    if embedded:
+        _end_helpers()
+    ray.shutdown()
+    if embedded:
+        started.stop()
+
+
+#: An embedded node's processes that no sweep needs once Tune is done.
+_HELPERS = ("monitor", "dashboard", "log_monitor")
+
+
+def _end_helpers() -> None:
+    """SIGTERM the embedded node's autoscaler monitor, dashboard and log monitor now. ``ray.shutdown``
+    stops one process after the other, each given a second after its SIGTERM; it reaches the monitor
+    after the GCS is gone, and the monitor then spends its whole second and is SIGKILLed (most of a
+    1.1-1.6 s shutdown). Asked while the GCS still answers, it ends at once; ``ray.shutdown`` still
+    waits for (and kills) whatever did not. Best effort: Ray's private node handle."""
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        infos = [info for kind in _HELPERS for info in (node.all_processes.get(kind, ()) if node else ())]
+        for info in infos:
+            if info.process.poll() is None:
+                info.process.terminate()
+    except Exception:  # noqa: BLE001  (ray.shutdown does it all anyway)
+        log.debug("could not signal Ray's helper processes", exc_info=True)
 
 
 class _NotMainThread(logging.Filter):
@@ -301,6 +348,7 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
         timings["tune"] = time.perf_counter() - t0
         if interrupts.signum is not None:  # Tune stopped on the signal and saved its state
             raise KeyboardInterrupt
+        node.release()  # Ray stops in its thread while the front is recorded (MLflow only)
         t0 = time.perf_counter()
         children = child_runs(client, parent)  # read once: the counts here and the front
         failed = sum(1 for r in children if r.info.status == "FAILED")
@@ -321,12 +369,16 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
 
 
 def _import_tune_modules() -> None:
-    """What ``_tuner`` imports (Ray Tune, the trainable, the searcher), imported before Ray is up."""
+    """What ``_tuner`` imports (Ray Tune, the trainable, the searcher), imported before Ray is up,
+    and what the MLflow logger's first pt2 model needs: ``torch.export`` imports ``torch._dynamo``
+    only when it first runs (1.5 s on a quiet 2-core machine, inside Tune's loop at the first
+    finished trial otherwise)."""
     import ray.tune  # noqa: F401
+    import torch._dynamo  # noqa: F401
 
     import trainables.tune_trainable  # noqa: F401
 
-    from . import early_stopping, searcher, tracking  # noqa: F401
+    from . import early_stopping, mlflow_model, searcher, tracking  # noqa: F401
 
 
 def _base_model(cfg: SweepConfig, settings, client, parent: str) -> dict[str, Any]:

@@ -421,6 +421,30 @@ def test_embedded_ray_ends_with_a_sigkilled_driver(tmp_path):
         _kill_marked(mark)
 
 
+@pytest.mark.timeout(400)
+def test_an_embedded_sweep_stops_ray_beside_the_front_and_leaves_nothing(tmp_path):
+    """A finished `prunetune run`: Ray is stopped in its own thread while the front is recorded
+    (the `platform time:` line has both the stop and the driver's wait for it), the parent run is
+    FINISHED with its front, and no process the driver started outlives it."""
+    mark = uuid.uuid4().hex
+    try:
+        driver = subprocess.run(prunetune_cli() + _sweep_args(
+            "methods=[l1_norm]", "num_trials=2", "base.epochs=1", "finetune.epochs=1", "name=quick",
+            f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"storage_path={tmp_path}/ray"),
+            cwd=tmp_path, env=_env(mark), capture_output=True, text=True, timeout=360)
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        (line,) = [ln for ln in driver.stderr.splitlines() if "platform time:" in ln]
+        parts = dict(re.findall(r"(\w+) ([\d.]+)s", line))
+        assert {"tracking", "ray_start", "ray_wait", "tune", "front", "ray_stop", "ray_stop_wait"} <= set(parts), line
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        (parent,) = client.search_runs([client.get_experiment_by_name("quick").experiment_id],
+                                       filter_string="tags.`prunetune.sweep` = 'true'")
+        assert parent.info.status == "FINISHED" and len(child_runs(client, parent.info.run_id)) == 2
+        _assert_all_gone(mark)
+    finally:
+        _kill_marked(mark)
+
+
 # ---- 3. a sweep directory whose database moved ---------------------------------------------------------------
 @pytest.mark.parametrize("command", [["resume"], ["fronts"], ["promote", "--name", "m"]])
 def test_a_moved_database_is_one_line_and_nothing_is_created(tmp_path, capfd, command):
