@@ -34,6 +34,7 @@ from ray.tune import Callback
 
 from methods.errors import ConfigError
 
+from . import model_logs
 from .store import absolute_uri, open_client, sqlite_path  # noqa: F401  (re-exported)
 
 __all__ = ["MLflowTrialLogger", "open_parent_run", "child_runs", "open_client", "absolute_uri", "sqlite_path",
@@ -47,6 +48,8 @@ FEASIBLE_TAG, VIOLATED_TAG = "prunetune.feasible", "prunetune.violated"
 LOGGED_METRICS = ("loss", "train_accuracy", "accuracy", "val_loss", "macs", "params", "epoch_seconds",
                   "test_accuracy", "latency_ms", "dense_latency_ms", "latency_ratio", "dense_macs", "macs_reduction",
                   "removed_nothing", "latency_bn_folded")
+#: In a trial's last result only when it ran to its end (not when the scheduler stopped it).
+FINAL_METRIC = "test_accuracy"
 #: String results (not metrics in MLflow): logged as tags of the trial's child run.
 LOGGED_TAGS = ("stage", "latency_model", "latency_device")
 
@@ -218,15 +221,31 @@ class MLflowTrialLogger(Callback):
         if result.get("nonfinite"):
             self._fail(trial, run_id, str(result.get("failure_reason", "non-finite loss")))
             return
-        try:
-            self._log_model(trial, run_id)
-        except Exception as exc:  # a missing artifact must not lose the run's metrics
-            log.warning("could not log the model of trial %s: %s", trial.trial_id, exc)
-        self.client.set_terminated(run_id, status="FINISHED")
         self._done.add(trial.trial_id)
+        job = (run_id, trial.trial_id, trial.config.get("method", "?"), trial.checkpoint, dict(result),
+               int(time.time() * 1000))
+        # In the model-logging thread (only it exports and logs models: torch.export and MLflow's
+        # fluent tracking URI are process-wide). A trial the scheduler stopped is waited for: the
+        # early-stopping recorder marks its run KILLED right after this callback.
+        future = model_logs.submit(self._finish, *job)
+        if FINAL_METRIC not in result:
+            future.result()
         log.info("trial %s (%s) finished: accuracy %.4f, MACs %.3g, latency ratio %.3f (%s)", trial.trial_id,
                  trial.config.get("method"), result.get("accuracy", float("nan")), result.get("macs", float("nan")),
                  result.get("latency_ratio", float("nan")), result.get("latency_device", "?"))
+
+    def on_experiment_end(self, trials, **info):
+        model_logs.drain()
+
+    def _finish(self, run_id: str, trial_id: str, method: str, checkpoint, result: dict, ended_ms: int) -> None:
+        """Log the trial's model, then end its run FINISHED at ``ended_ms`` (when the trial ended,
+        not when its model was logged). Runs in the model-logging thread with a client of its own."""
+        client = open_client(self.tracking_uri)
+        try:
+            self._log_model(client, run_id, trial_id, method, checkpoint, result)
+        except Exception as exc:  # a missing artifact must not lose the run's metrics
+            log.warning("could not log the model of trial %s: %s", trial_id, exc)
+        client.set_terminated(run_id, status="FINISHED", end_time=ended_ms)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._fail(trial, self._run_for(trial), _error_text(trial))
@@ -237,26 +256,25 @@ class MLflowTrialLogger(Callback):
         self._done.add(trial.trial_id)
         log.warning("trial %s (%s) failed: %s", trial.trial_id, trial.config.get("method"), reason.strip().splitlines()[-1] if reason.strip() else "?")
 
-    def _log_model(self, trial, run_id: str) -> None:
-        checkpoint = trial.checkpoint
+    def _log_model(self, client: MlflowClient, run_id: str, trial_id: str, method: str, checkpoint,
+                   result: dict) -> None:
         if checkpoint is None:
             return
         with tempfile.TemporaryDirectory(prefix="prunetune-art-") as tmp:
             local = Path(checkpoint.to_directory(os.path.join(tmp, "ckpt")))
             if (local / "model").is_dir():
-                self.client.log_artifacts(run_id, str(local / "model"), "model")
+                client.log_artifacts(run_id, str(local / "model"), "model")
                 if self.example is not None:
-                    self._log_mlflow_model(local / "model", run_id, trial.last_result or {},
-                                           f"{trial.config.get('method', '?')}-{trial.trial_id}")
+                    self._log_mlflow_model(client, local / "model", run_id, result, f"{method}-{trial_id}")
 
-    def _log_mlflow_model(self, directory: Path, run_id: str, result: dict, name: str) -> None:
+    def _log_mlflow_model(self, client: MlflowClient, directory: Path, run_id: str, result: dict, name: str) -> None:
         from trainables.model_io import load_model
 
         from .mlflow_model import log_pt2_model
 
         model, _ = load_model(directory)
         # validate=False: loading the program back to run the example again costs ~2 s a trial
-        info, seconds = log_pt2_model(self.client, run_id, model, self.example, result, validate=False, name=name)
+        info, seconds = log_pt2_model(client, run_id, model, self.example, result, validate=False, name=name)
         log.info("trial run %s: pt2 model %s logged in %.1fs", run_id, info.model_id, seconds)
 
 

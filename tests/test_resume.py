@@ -218,6 +218,7 @@ def test_logger_reconciles_children_with_restored_trials(tmp_path):
     trial Tune never snapshotted (its run is deleted), a trial restarted from an older checkpoint
     (epochs it re-reports are not logged twice), a trial Tune has as finished whose run was still
     open (closed now), and a finished trial that is left alone."""
+    from search import model_logs
     from search.tracking import MLflowTrialLogger, open_parent_run
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -231,6 +232,7 @@ def test_logger_reconciles_children_with_restored_trials(tmp_path):
         first.on_trial_result(iteration=0, trials=[], trial=done, result=_epoch(epoch, 0.5 + epoch / 10))
         first.on_trial_result(iteration=0, trials=[], trial=closed, result=_epoch(epoch, 0.5))
     first.on_trial_complete(iteration=0, trials=[], trial=done)
+    model_logs.drain()  # its run is closed in the model-logging thread; done before the driver dies here
     for epoch in (1, 2, 3):
         first.on_trial_result(iteration=0, trials=[], trial=restarted, result=_epoch(epoch, 0.1 * epoch))
     runs = {r.data.tags[TRIAL_TAG]: r for r in child_runs(client, parent)}
@@ -246,6 +248,7 @@ def test_logger_reconciles_children_with_restored_trials(tmp_path):
         second.on_trial_result(iteration=1, trials=restored, trial=restored[1], result=_epoch(epoch, 0.9))
     second.on_trial_complete(iteration=1, trials=restored, trial=restored[1])
     second.on_trial_complete(iteration=1, trials=restored, trial=restored[0])  # e.g. re-reported
+    second.on_experiment_end(trials=restored)  # waits for the model-logging thread
 
     after = {r.data.tags[TRIAL_TAG]: r for r in child_runs(client, parent)}
     assert set(after) == {"done", "restarted", "closed"}
