@@ -9,9 +9,12 @@ FINISHED or FAILED (with the reason as a tag). Children are named ``<method>-<tr
 found again by its ``prunetune.trial_id`` tag, so a restarted trial or a resumed sweep keeps one
 run per trial.
 
+A trial's epochs are written together, at most every ``METRICS_EVERY_S`` seconds, and at once
+when the trial checkpoints, ends or fails, and when Tune's run ends.
+
 Resuming after a driver fault: Tune restores the trials as they were in its last experiment-state
 snapshot, which lags the kill by up to its checkpoint period, while MLflow saw everything up to the
-kill. So (1) a step already in a run's metric history is never logged again (a trial restarted from
+trial's last checkpoint (written before Tune registers it) or later. So (1) a step already in a run's metric history is never logged again (a trial restarted from
 an older checkpoint re-reports those epochs); (2) a run already FINISHED or FAILED is not touched
 again; (3) at the first step after a restore, a child whose trial is not among Tune's trials (it was
 created after the snapshot; Tune will create a different trial in its place) is deleted, and a
@@ -48,6 +51,9 @@ FEASIBLE_TAG, VIOLATED_TAG = "prunetune.feasible", "prunetune.violated"
 LOGGED_METRICS = ("loss", "train_accuracy", "accuracy", "val_loss", "macs", "params", "epoch_seconds",
                   "test_accuracy", "latency_ms", "dense_latency_ms", "latency_ratio", "dense_macs", "macs_reduction",
                   "removed_nothing", "latency_bn_folded")
+#: A trial's epochs are written to MLflow together, at most this often (and when it ends): one
+#: SQLite transaction per epoch cost the driver ~6 ms of CPU and ~19 ms of wall time each.
+METRICS_EVERY_S = 2.0
 #: In a trial's last result only when it ran to its end (not when the scheduler stopped it).
 FINAL_METRIC = "test_accuracy"
 #: String results (not metrics in MLflow): logged as tags of the trial's child run.
@@ -122,6 +128,7 @@ class MLflowTrialLogger(Callback):
         self._done: set[str] = set()
         self._killed: set[str] = set()
         self._steps: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps already logged
+        self._unsent: dict[str, tuple[list[Metric], dict[str, RunTag], float]] = {}  # run id -> (metrics, tags, since)
         self._reconciled = False
 
     # Tune pickles callbacks into its experiment state; the client is rebuilt on demand.
@@ -209,12 +216,31 @@ class MLflowTrialLogger(Callback):
                    if isinstance(result.get(k), (int, float)) and math.isfinite(float(result[k]))
                    and step not in logged.get(k, ())]
         tags = [RunTag(k, str(result[k])) for k in LOGGED_TAGS if result.get(k) is not None]
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        unsent_metrics, unsent_tags, since = self._unsent.setdefault(run_id, ([], {}, time.monotonic()))
+        unsent_metrics.extend(metrics)
+        unsent_tags.update((t.key, t) for t in tags)
         for m in metrics:
             logged.setdefault(m.key, set()).add(step)
+        if time.monotonic() - since >= METRICS_EVERY_S:
+            self._send(run_id)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        # Before Tune registers the checkpoint (and any experiment snapshot names it): a trial
+        # restored from it re-reports only the epochs after it, so those up to it must be in MLflow.
+        if trial.trial_id in self._runs:
+            self._send(self._runs[trial.trial_id])
+
+    def _send(self, run_id: str) -> None:
+        """Write the run's epochs not yet in MLflow (one ``log_batch``)."""
+        metrics, tags, _ = self._unsent.pop(run_id, ([], {}, 0.0))
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000], tags=list(tags.values()) if i == 0 else [])
+        if tags and not metrics:
+            self.client.log_batch(run_id, tags=list(tags.values()))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
+        self._send(run_id)
         if trial.trial_id in self._done:
             return
         result = trial.last_result or {}
@@ -235,6 +261,8 @@ class MLflowTrialLogger(Callback):
                  result.get("latency_ratio", float("nan")), result.get("latency_device", "?"))
 
     def on_experiment_end(self, trials, **info):
+        for run_id in list(self._unsent):
+            self._send(run_id)
         model_logs.drain()
 
     def _finish(self, run_id: str, trial_id: str, method: str, checkpoint, result: dict, ended_ms: int) -> None:
@@ -248,7 +276,9 @@ class MLflowTrialLogger(Callback):
         client.set_terminated(run_id, status="FINISHED", end_time=ended_ms)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._fail(trial, self._run_for(trial), _error_text(trial))
+        run_id = self._run_for(trial)
+        self._send(run_id)
+        self._fail(trial, run_id, _error_text(trial))
 
     def _fail(self, trial, run_id: str, reason: str) -> None:
         self.client.set_tag(run_id, "failure_reason", reason[-4000:])

@@ -1,9 +1,10 @@
-"""The driver logs a finished trial's model in a thread of its own (issue 12: ~0.5-1 s of
-``torch.export`` a trial no longer holds Tune's event loop, nor counts in the trial's run time).
-What must hold: the run ends FINISHED at the time its trial ended (not when its model was logged),
-its weights + spec artifacts and its pt2 LoggedModel are there once the logging thread is drained
-(Tune's end of the experiment does it), and a trial the scheduler stopped is closed at once, so the
-early-stopping recorder that comes next marks it KILLED. Real MLflow on SQLite, a real model."""
+"""The driver's MLflow records of a trial, kept off the trial's path (issue 12). The trial's model
+(~0.5-1 s of ``torch.export``) is logged in a thread of its own: the run still ends FINISHED at
+the time its trial ended (not when its model was logged), its weights + spec artifacts and its pt2
+LoggedModel are there once the logging thread is drained (Tune's end of the experiment does it),
+and a trial the scheduler stopped is closed at once, so the early-stopping recorder that comes next
+marks it KILLED. Its epochs are written together, by its next checkpoint or its end at the latest.
+Real MLflow on SQLite, a real model."""
 from __future__ import annotations
 
 import time
@@ -58,3 +59,36 @@ def test_a_finished_trials_run_ends_when_the_trial_did_and_its_model_follows(tmp
     assert client.get_logged_model(model_id).last_updated_timestamp > run.info.end_time  # ... logged after
     assert {a.path for a in client.list_artifacts(runs["fin"], "model")} >= {"model/weights.pt", "model/spec.json"}
     assert model_logs.drain() == 0  # nothing left on its way
+
+
+def test_a_trials_epochs_reach_mlflow_together_by_its_checkpoint_and_its_end(tmp_path):
+    """Epochs are sent at most every METRICS_EVERY_S (one SQLite transaction for several), and at
+    once when the trial checkpoints (a trial restored from that checkpoint re-reports only later
+    epochs) or ends; each epoch once, in its own step."""
+    from search.tracking import METRICS_EVERY_S
+
+    assert METRICS_EVERY_S >= 1.0  # the three results below come well within it
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = open_parent_run(client, "batch", None, {}, {})
+    logger = MLflowTrialLogger(client.tracking_uri, parent)
+    trial = _trial("t", tmp_path, final=True)
+    trial.checkpoint = None
+    logger.on_step_begin(iteration=0, trials=[])
+    logger.on_trial_start(iteration=0, trials=[], trial=trial)
+    (run_id,) = [r.info.run_id for r in child_runs(client, parent)]
+    steps = lambda: sorted(m.step for m in client.get_metric_history(run_id, "accuracy"))  # noqa: E731
+
+    for epoch in (1, 2, 3):
+        logger.on_trial_result(iteration=0, trials=[], trial=trial,
+                               result={"epoch": epoch, "stage": "finetune", "accuracy": 0.1 * epoch, "macs": 1e5})
+    assert steps() == []  # not sent yet
+    logger.on_checkpoint(iteration=0, trials=[], trial=trial, checkpoint=None)
+    assert steps() == [1, 2, 3]
+    assert client.get_run(run_id).data.tags["stage"] == "finetune"
+    logger.on_trial_result(iteration=0, trials=[], trial=trial, result={"epoch": 4, "accuracy": 0.4, "macs": 1e5,
+                                                                         "test_accuracy": 0.5})
+    logger.on_trial_complete(iteration=0, trials=[], trial=trial)
+    assert steps() == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run_id, "test_accuracy")] == [4]
+    logger.on_experiment_end(trials=[trial])
+    assert client.get_run(run_id).info.status == "FINISHED"
