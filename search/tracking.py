@@ -54,8 +54,9 @@ LOGGED_METRICS = ("loss", "train_accuracy", "accuracy", "val_loss", "macs", "par
 #: A trial's epochs are written to MLflow together, at most this often (and when it ends): one
 #: SQLite transaction per epoch cost the driver ~6 ms of CPU and ~19 ms of wall time each.
 METRICS_EVERY_S = 2.0
-#: In a trial's last result only when it ran to its end (not when the scheduler stopped it).
-FINAL_METRIC = "test_accuracy"
+#: On a finished trial's run until its model is logged (in the driver's model-logging thread); a
+#: resumed sweep logs the models of runs that still carry it.
+MODEL_PENDING_TAG = "prunetune.model_pending"
 #: String results (not metrics in MLflow): logged as tags of the trial's child run.
 LOGGED_TAGS = ("stage", "latency_model", "latency_device")
 
@@ -127,6 +128,7 @@ class MLflowTrialLogger(Callback):
         self._runs: dict[str, str] = {}
         self._done: set[str] = set()
         self._killed: set[str] = set()
+        self._model_pending: set[str] = set()  # FINISHED runs whose model an earlier driver did not log
         self._steps: dict[str, dict[str, set[int]]] = {}  # run id -> metric -> steps already logged
         self._unsent: dict[str, tuple[list[Metric], dict[str, RunTag], float]] = {}  # run id -> (metrics, tags, since)
         self._reconciled = False
@@ -148,6 +150,8 @@ class MLflowTrialLogger(Callback):
                     self._runs[tid] = run.info.run_id
                     if run.info.status in ("FINISHED", "FAILED"):
                         self._done.add(tid)
+                        if run.data.tags.get(MODEL_PENDING_TAG):
+                            self._model_pending.add(tid)
                     elif run.info.status == "KILLED":  # the sweep was interrupted while it ran
                         self._killed.add(tid)
         return self._client
@@ -181,6 +185,8 @@ class MLflowTrialLogger(Callback):
                 self.on_trial_complete(iteration=0, trials=trials, trial=trial)
             elif tid not in self._done and trial.status == "ERROR":
                 self.on_trial_error(iteration=0, trials=trials, trial=trial)
+            elif tid in self._model_pending:  # the driver stopped before it logged this trial's model
+                self._submit_model(run_id, trial)
             elif tid in self._killed:  # interrupted with the sweep; Tune continues it now
                 self.client.update_run(run_id, status="RUNNING")
                 self._killed.discard(tid)
@@ -248,14 +254,10 @@ class MLflowTrialLogger(Callback):
             self._fail(trial, run_id, str(result.get("failure_reason", "non-finite loss")))
             return
         self._done.add(trial.trial_id)
-        job = (run_id, trial.trial_id, trial.config.get("method", "?"), trial.checkpoint, dict(result),
-               int(time.time() * 1000))
-        # In the model-logging thread (only it exports and logs models: torch.export and MLflow's
-        # fluent tracking URI are process-wide). A trial the scheduler stopped is waited for: the
-        # early-stopping recorder marks its run KILLED right after this callback.
-        future = model_logs.submit(self._finish, *job)
-        if FINAL_METRIC not in result:
-            future.result()
+        if trial.checkpoint is not None:  # until the model-logging thread has logged it
+            self.client.set_tag(run_id, MODEL_PENDING_TAG, "true")
+        self.client.set_terminated(run_id, status="FINISHED")
+        self._submit_model(run_id, trial)
         log.info("trial %s (%s) finished: accuracy %.4f, MACs %.3g, latency ratio %.3f (%s)", trial.trial_id,
                  trial.config.get("method"), result.get("accuracy", float("nan")), result.get("macs", float("nan")),
                  result.get("latency_ratio", float("nan")), result.get("latency_device", "?"))
@@ -265,15 +267,20 @@ class MLflowTrialLogger(Callback):
             self._send(run_id)
         model_logs.drain()
 
-    def _finish(self, run_id: str, trial_id: str, method: str, checkpoint, result: dict, ended_ms: int) -> None:
-        """Log the trial's model, then end its run FINISHED at ``ended_ms`` (when the trial ended,
-        not when its model was logged). Runs in the model-logging thread with a client of its own."""
+    def _submit_model(self, run_id: str, trial) -> None:
+        """Log the trial's model in the model-logging thread (``search.model_logs``: the only one
+        that exports or logs models; torch.export and MLflow's fluent tracking URI are process-wide)."""
+        if trial.checkpoint is not None:
+            model_logs.submit(self._log_model_job, run_id, trial.trial_id, trial.config.get("method", "?"),
+                              trial.checkpoint, dict(trial.last_result or {}))
+
+    def _log_model_job(self, run_id: str, trial_id: str, method: str, checkpoint, result: dict) -> None:
         client = open_client(self.tracking_uri)
         try:
             self._log_model(client, run_id, trial_id, method, checkpoint, result)
         except Exception as exc:  # a missing artifact must not lose the run's metrics
             log.warning("could not log the model of trial %s: %s", trial_id, exc)
-        client.set_terminated(run_id, status="FINISHED", end_time=ended_ms)
+        client.delete_tag(run_id, MODEL_PENDING_TAG)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)

@@ -3,7 +3,8 @@
 the time its trial ended (not when its model was logged), its weights + spec artifacts and its pt2
 LoggedModel are there once the logging thread is drained (Tune's end of the experiment does it),
 and a trial the scheduler stopped is closed at once, so the early-stopping recorder that comes next
-marks it KILLED. Its epochs are written together, by its next checkpoint or its end at the latest.
+marks it KILLED; a model the driver had not logged when it died is logged by the resumed sweep.
+Its epochs are written together, by its next checkpoint or its end at the latest.
 Real MLflow on SQLite, a real model."""
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ray import tune
 
 from search import model_logs
 from search.mlflow_model import trial_model_id
-from search.tracking import TRIAL_TAG, MLflowTrialLogger, child_runs, open_parent_run
+from search.tracking import MODEL_PENDING_TAG, TRIAL_TAG, MLflowTrialLogger, child_runs, open_parent_run
 from trainables.model_io import model_spec, save_model
 from trainables.models import create_model
 
@@ -47,17 +48,20 @@ def test_a_finished_trials_run_ends_when_the_trial_did_and_its_model_follows(tmp
     logger.on_trial_complete(iteration=0, trials=[], trial=finished)
     returned = int(time.time() * 1000)
     logger.on_trial_complete(iteration=0, trials=[], trial=stopped)
-    # Stopped early: closed before on_trial_complete returned (the recorder's KILLED comes next).
+    # Closed before on_trial_complete returned, when the trial ended (the recorder's KILLED of a
+    # stopped trial comes next); their models follow in the model-logging thread.
+    run = client.get_run(runs["fin"])
+    assert run.info.status == "FINISHED" and before <= run.info.end_time <= returned
     assert client.get_run(runs["stop"]).info.status == "FINISHED"
 
     logger.on_experiment_end(trials=[finished, stopped])  # Tune's end: waits for the logging thread
-    run = client.get_run(runs["fin"])
-    assert run.info.status == "FINISHED"
-    assert before <= run.info.end_time <= returned  # when the trial ended ...
-    model_id = trial_model_id(client, runs["fin"])
-    assert model_id is not None  # ... its pt2 model READY ...
-    assert client.get_logged_model(model_id).last_updated_timestamp > run.info.end_time  # ... logged after
-    assert {a.path for a in client.list_artifacts(runs["fin"], "model")} >= {"model/weights.pt", "model/spec.json"}
+    for tid in ("fin", "stop"):
+        run = client.get_run(runs[tid])
+        assert run.info.status == "FINISHED" and MODEL_PENDING_TAG not in run.data.tags
+        model_id = trial_model_id(client, runs[tid])
+        assert model_id is not None  # its pt2 model READY, logged after the run ended
+        assert client.get_logged_model(model_id).last_updated_timestamp > run.info.end_time
+        assert {a.path for a in client.list_artifacts(runs[tid], "model")} >= {"model/weights.pt", "model/spec.json"}
     assert model_logs.drain() == 0  # nothing left on its way
 
 
@@ -92,3 +96,26 @@ def test_a_trials_epochs_reach_mlflow_together_by_its_checkpoint_and_its_end(tmp
     assert [m.step for m in client.get_metric_history(run_id, "test_accuracy")] == [4]
     logger.on_experiment_end(trials=[trial])
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_model_the_driver_did_not_log_before_it_died_is_logged_on_resume(tmp_path):
+    """A run closed FINISHED whose model was still on its way (the driver killed meanwhile) keeps
+    ``MODEL_PENDING_TAG``; the logger of the resumed sweep logs the model then, run left FINISHED."""
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = open_parent_run(client, "pending", None, {}, {})
+    first = MLflowTrialLogger(client.tracking_uri, parent)
+    trial = _trial("p", tmp_path, final=True)
+    first.on_step_begin(iteration=0, trials=[])
+    first.on_trial_start(iteration=0, trials=[], trial=trial)
+    (run_id,) = [r.info.run_id for r in child_runs(client, parent)]
+    # What the killed driver left: the run FINISHED with the tag, no model.
+    client.set_tag(run_id, MODEL_PENDING_TAG, "true")
+    client.set_terminated(run_id, status="FINISHED")
+    end = client.get_run(run_id).info.end_time
+
+    second = MLflowTrialLogger(client.tracking_uri, parent)
+    second.on_step_begin(iteration=0, trials=[trial])  # the restored trial, TERMINATED
+    second.on_experiment_end(trials=[trial])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.end_time == end and MODEL_PENDING_TAG not in run.data.tags
+    assert {a.path for a in client.list_artifacts(run_id, "model")} >= {"model/weights.pt", "model/spec.json"}
