@@ -95,7 +95,9 @@ def _steady(times: list[float], concurrency: int) -> float:
 def _sweep_child(args, root: Path, repeat: int, pythonpath: str | None, tag: str,
                  no_models: bool = False) -> tuple[float, dict]:
     out = root / f"child-{tag}{repeat}.json"
-    env = dict(os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {}), **({NO_MODELS_ENV: "1"} if no_models else {}))
+    env = dict(os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {}))
+    if no_models:
+        env[NO_MODELS_ENV] = "1"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--child", str(out), *_overrides(args, root, repeat, tag)],
                    check=True, env=env)

@@ -6,10 +6,10 @@ on meanwhile: the trial's actor takes its next trial and the running trials' res
 One thread, jobs in the order they came, and the only one in the driver that exports or logs a
 model: ``torch.export`` fails when two threads trace at once ("ProxyTorchDispatchMode slot already
 occupied"), and ``log_pt2_model`` points MLflow's process-wide fluent tracking URI at the store for
-its call (``tests/test_model_logs.py`` caught both). :func:`drain` waits for every job submitted so far; the sweep calls it when Tune's run
-ends (``MLflowTrialLogger.on_experiment_end``, and after ``tuner.fit`` on every path) so no model
-is still on its way when the sweep reads its trials, closes its runs or exits. A job's error is
-logged by the job itself; :func:`drain` never raises it.
+its call (``tests/test_trial_logging.py`` caught both). :func:`drain` waits for every job submitted
+so far; the sweep calls it when Tune's run ends (``MLflowTrialLogger.on_experiment_end``, and after
+``tuner.fit`` on every path) so no model is still on its way when the sweep reads its trials,
+closes its runs or exits. A job's error is logged by the job itself; :func:`drain` never raises it.
 """
 from __future__ import annotations
 

@@ -13,9 +13,10 @@ A trial's epochs are written together, at most every ``METRICS_EVERY_S`` seconds
 when the trial checkpoints, ends or fails, and when Tune's run ends.
 
 Resuming after a driver fault: Tune restores the trials as they were in its last experiment-state
-snapshot, which lags the kill by up to its checkpoint period, while MLflow saw everything up to the
-trial's last checkpoint (written before Tune registers it) or later. So (1) a step already in a run's metric history is never logged again (a trial restarted from
-an older checkpoint re-reports those epochs); (2) a run already FINISHED or FAILED is not touched
+snapshot, which lags the kill by up to its checkpoint period, while MLflow saw every epoch up to
+the trial's last checkpoint (sent before Tune registers it) or later. So (1) a step already in a
+run's metric history is never logged again (a trial restarted from an older checkpoint re-reports
+those epochs); (2) a run already FINISHED or FAILED is not touched
 again; (3) at the first step after a restore, a child whose trial is not among Tune's trials (it was
 created after the snapshot; Tune will create a different trial in its place) is deleted, and a
 child whose trial Tune has as finished or errored is given that status.
