@@ -2,7 +2,7 @@
 plain pool of Python processes calling the same trial function, side by side, repeated.
 
     python benchmarks/bench_platform_overhead.py [--trials 6] [--epochs 20] [--concurrency 2] [--repeats 3]
-        [--compare-with OTHER_CHECKOUT]
+        [--compare-with OTHER_CHECKOUT] [--without-models]
 
 Every trial is identical (l1_norm, prune_ratio fixed at 0.5) so both sides do the same work. The
 dense base model is trained once beforehand and shared by both (its training is in neither number).
@@ -18,6 +18,11 @@ for it, the dense base check, Tune beyond waves x per-trial (worker start-up, sc
 Ray stop (where the sweep reports ``ray_stop_wait``, Ray stops beside the front and only the wait
 counts), and the rest (interpreter start, preflight, exit). Min / median / max over repeats, and
 the load average before and after (the machine is shared).
+
+``--without-models`` also runs, in each repeat, the same sweep with its per-trial pt2 MLflow model
+logging off (the child replaces ``search.sweep._input_example`` by ``None``; the weights + spec
+artifacts are still logged): what the driver's ``torch.export`` of every finished trial costs the
+trials running beside it (an attribution, not a configuration users have).
 
 ``--compare-with DIR`` also runs, in each repeat right after this checkout's sweep, the same sweep
 with ``PYTHONPATH=DIR`` (e.g. ``git worktree add /tmp/old <commit>``), so a change to the platform
@@ -40,6 +45,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 T_PROCESS = time.perf_counter()
+NO_MODELS_ENV = "PRUNETUNE_BENCH_NO_PT2"
 
 
 def _plain_trial(settings):
@@ -66,6 +72,10 @@ def child(overrides: list[str], out: str) -> None:
     from search.sweep import run_sweep
 
     imports = time.perf_counter() - T_PROCESS
+    if os.environ.get(NO_MODELS_ENV):
+        import search.sweep
+
+        search.sweep._input_example = lambda data, n=4: None  # no pt2 model per trial (see --without-models)
     cfg = load_config("configs/quickstart.yaml", overrides)
     result = run_sweep(cfg)
     from mlflow.tracking import MlflowClient
@@ -88,9 +98,12 @@ def _steady(times: list[float], concurrency: int) -> float:
     return statistics.median(later)
 
 
-def _sweep_child(args, root: Path, repeat: int, pythonpath: str | None, tag: str) -> tuple[float, dict]:
+def _sweep_child(args, root: Path, repeat: int, pythonpath: str | None, tag: str,
+                 no_models: bool = False) -> tuple[float, dict]:
     out = root / f"child-{tag}{repeat}.json"
     env = dict(os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {}))
+    if no_models:
+        env[NO_MODELS_ENV] = "1"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--child", str(out), *_overrides(args, root, repeat, tag)],
                    check=True, env=env)
@@ -105,6 +118,8 @@ def one_repeat(args, settings, root: Path, repeat: int) -> dict:
     # The pool's trial times leave out its workers' imports (counted in its wall, i.e. its fixed cost).
     pool_trial = statistics.median(pool_times)
     out = _measure(args, plain, pool_trial, *_sweep_child(args, root, repeat, None, ""))
+    if args.without_models:
+        out["no_models"] = _measure(args, plain, pool_trial, *_sweep_child(args, root, repeat, None, "nomodels", True))
     if args.compare_with:
         out["other"] = _measure(args, plain, pool_trial, *_sweep_child(args, root, repeat, args.compare_with, "other"))
     return out
@@ -152,6 +167,10 @@ def report(args, results: list[dict], loads: tuple) -> None:
         print(f"  {part:30s} {_mmm([r['parts'][part] for r in results])}")
     print("first trial on each worker (s):", [[round(x, 1) for x in r["first_trials"]] for r in results])
     print("trials finished per sweep:", [r["finished"] for r in results])
+    if "no_models" in results[0]:
+        print("\nthe same sweep without a pt2 MLflow model per trial (run right after, each repeat):")
+        for label, key in rows[1:3] + rows[4:6] + rows[7:]:
+            print(f"{label:32s} {_mmm([r['no_models'][key] for r in results])}")
     if "other" in results[0]:
         print(f"\nthe same sweep from {args.compare_with} (run right after, each repeat):")
         for label, key in rows[1:3] + rows[4:6] + rows[7:]:
@@ -169,6 +188,8 @@ def main():
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compare-with", metavar="DIR", help="another checkout whose sweep runs beside this one's")
+    ap.add_argument("--without-models", action="store_true",
+                    help="also run the sweep without its per-trial pt2 MLflow models (what they cost)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -319,6 +319,7 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
     from trainables.base_model import build_model
     from trainables.workspace import load_data
 
+    from . import model_logs
     from .progress import tune_environment, tune_verbosity
     from .tracking import child_runs
 
@@ -344,7 +345,10 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
         t0 = time.perf_counter()
         tuner = _tuner(cfg, settings, exp_dir, parent, restore, _input_example(data), warm)
         with interrupts.tune_running(), tune_environment(cfg.checkpoint_period_s, tune_verbosity()):
-            tuner.fit()
+            try:
+                tuner.fit()
+            finally:  # Tune ends its callbacks with this too (on_experiment_end), but not on every path
+                model_logs.drain()  # no trial's model is still on its way to MLflow past here
         timings["tune"] = time.perf_counter() - t0
         if interrupts.signum is not None:  # Tune stopped on the signal and saved its state
             raise KeyboardInterrupt
@@ -461,7 +465,8 @@ def _trainable(cfg: SweepConfig, settings, exp_dir: str):
     res = cfg.resources_per_trial
     if res.workers == 1:
         return tune.with_resources(tune.with_parameters(trial_fn, settings=settings,
-                                                        checkpoint_period_s=cfg.checkpoint_period_s),
+                                                        checkpoint_period_s=cfg.checkpoint_period_s,
+                                                        wait_at=_rung_epochs(cfg)),
                                    {"cpu": res.cpu, "gpu": res.gpu})
     from trainables.distributed import DataParallel
 
@@ -470,6 +475,18 @@ def _trainable(cfg: SweepConfig, settings, exp_dir: str):
     return tune.with_resources(tune.with_parameters(data_parallel_trial_fn, settings=settings, parallel=parallel,
                                                     checkpoint_period_s=cfg.checkpoint_period_s),
                                {"cpu": 0, "memory": DRIVER_MEMORY})
+
+
+def _rung_epochs(cfg: SweepConfig) -> tuple[int, ...]:
+    """The fine-tune epochs where the early-stopping scheduler may stop a trial (none without it):
+    a trial waits for the driver's answer to those reports before it trains on."""
+    from .early_stopping import milestones
+
+    es = cfg.early_stopping
+    if not es.enabled:
+        return ()
+    # A from-scratch trial fine-tunes base + fine-tune epochs (``trainables.trial._plan``): the longest.
+    return tuple(milestones(es.grace_epochs, es.reduction_factor, limit=cfg.base.epochs + cfg.finetune.epochs))
 
 
 #: All a data-parallel trial's own Tune actor holds: it only waits for its ranks, and Tune refuses

@@ -305,3 +305,16 @@ def test_rung_records_survive_an_interrupted_and_resumed_sweep(ray_local, tmp_pa
     tagged = {tid: (int(r.data.tags[STOPPED_RUNG_TAG]), int(r.data.tags[STOPPED_EPOCH_TAG]))
               for tid, r in runs.items() if STOPPED_RUNG_TAG in r.data.tags}
     assert tagged == replay.stopped and result.stopped == len(tagged)
+
+
+def test_a_trial_waits_for_the_schedulers_answer_at_every_rung_and_nowhere_else():
+    """Trials report from a thread of their own and train on (trainables.report_thread), except at
+    the fine-tune epochs where the scheduler may stop them: every rung a trial can reach (a
+    from-scratch trial fine-tunes base + fine-tune epochs), none without early stopping."""
+    from search.sweep import _rung_epochs
+
+    es = "early_stopping={type: successive_halving, grace_epochs: 1, reduction_factor: 2}"
+    rungs = lambda *overrides: _rung_epochs(load_config("configs/quickstart.yaml", list(overrides)))  # noqa: E731
+    assert rungs(es, "base.epochs=10", "finetune.epochs=3") == (1, 2, 4, 8)
+    assert rungs(es, "base.epochs=2", "finetune.epochs=1") == (1, 2)
+    assert rungs("early_stopping.type=none") == ()

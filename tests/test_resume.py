@@ -211,6 +211,7 @@ def test_logger_reconciles_children_with_restored_trials(tmp_path):
     trial Tune never snapshotted (its run is deleted), a trial restarted from an older checkpoint
     (epochs it re-reports are not logged twice), a trial Tune has as finished whose run was still
     open (closed now), and a finished trial that is left alone."""
+    from search import model_logs
     from search.tracking import MLflowTrialLogger, open_parent_run
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -224,13 +225,17 @@ def test_logger_reconciles_children_with_restored_trials(tmp_path):
         first.on_trial_result(iteration=0, trials=[], trial=done, result=_epoch(epoch, 0.5 + epoch / 10))
         first.on_trial_result(iteration=0, trials=[], trial=closed, result=_epoch(epoch, 0.5))
     first.on_trial_complete(iteration=0, trials=[], trial=done)
-    for epoch in (1, 2, 3):
+    model_logs.drain()  # its run is closed in the model-logging thread; done before the driver dies here
+    for epoch in (1, 2, 3):  # checkpoints after epochs 1 and 2: those epochs are in MLflow then, 3 not yet
         first.on_trial_result(iteration=0, trials=[], trial=restarted, result=_epoch(epoch, 0.1 * epoch))
+        if epoch < 3:
+            first.on_checkpoint(iteration=0, trials=[], trial=restarted, checkpoint=None)
     runs = {r.data.tags[TRIAL_TAG]: r for r in child_runs(client, parent)}
     done_end = runs["done"].info.end_time
 
-    # The driver dies; Tune restores the logger from its pickle and the trials from a snapshot
-    # taken when "restarted" had checkpointed epoch 1 only and "closed" had just finished.
+    # The driver dies (what the logger had not sent yet is lost); Tune restores the logger from its
+    # pickle and the trials from a snapshot taken when "restarted" had checkpointed epoch 1 only
+    # and "closed" had just finished.
     second = pickle.loads(pickle.dumps(first))
     restored = [_trial("done", "TERMINATED"), _trial("restarted", "PENDING"), _trial("closed", "TERMINATED")]
     second.on_step_begin(iteration=0, trials=restored)
@@ -239,6 +244,7 @@ def test_logger_reconciles_children_with_restored_trials(tmp_path):
         second.on_trial_result(iteration=1, trials=restored, trial=restored[1], result=_epoch(epoch, 0.9))
     second.on_trial_complete(iteration=1, trials=restored, trial=restored[1])
     second.on_trial_complete(iteration=1, trials=restored, trial=restored[0])  # e.g. re-reported
+    second.on_experiment_end(trials=restored)  # waits for the model-logging thread
 
     after = {r.data.tags[TRIAL_TAG]: r for r in child_runs(client, parent)}
     assert set(after) == {"done", "restarted", "closed"}
@@ -246,7 +252,8 @@ def test_logger_reconciles_children_with_restored_trials(tmp_path):
     assert all(r.info.status == "FINISHED" for r in after.values())
     assert after["done"].info.end_time == done_end
     history = sorted((m.step, m.value) for m in client.get_metric_history(runs["restarted"].info.run_id, "accuracy"))
-    assert history == [(1, pytest.approx(0.1)), (2, pytest.approx(0.2)), (3, pytest.approx(0.3)), (4, 0.9)]
+    # Epoch 2 was in MLflow: its first record stays; epoch 3 was not sent before the kill: logged now.
+    assert history == [(1, pytest.approx(0.1)), (2, pytest.approx(0.2)), (3, 0.9), (4, 0.9)]
     for tid in after:
         for key in ("accuracy", "macs", "loss"):
             steps = [m.step for m in client.get_metric_history(after[tid].info.run_id, key)]

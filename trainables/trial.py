@@ -118,6 +118,7 @@ class _Trial:
     optimizer: torch.optim.Optimizer
     pruned: bool
     _compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None
+    _counted: tuple[torch.nn.Module, float] | None = None  # (pruned model, its MACs) when they cannot change
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -245,7 +246,15 @@ class _Trial:
         return self._compiled[1]
 
     def _cost_metrics(self) -> dict[str, float]:
-        return _cost_metrics(self.method, self.model, self.input_shape, self.val_loader, self.pruned, self.dense_macs)
+        """A static method's pruned model is counted once (its MACs are a function of its layer
+        shapes, fixed after the cut); a method that measures its own (``measure_macs`` overridden:
+        ManiDP's depend on its gates and the data) is counted every epoch."""
+        if self._counted is not None and self._counted[0] is self.model:
+            return _cost_fields(self._counted[1], self.pruned, self.dense_macs)
+        macs = _macs(self.method, self.model, self.input_shape, self.val_loader, self.pruned, self.dense_macs)
+        if self.pruned and type(self.method).measure_macs is PruningMethod.measure_macs:
+            self._counted = (self.model, macs)
+        return _cost_fields(macs, self.pruned, self.dense_macs)
 
     def _final_metrics(self) -> dict[str, Any]:
         return _final_metrics(self.model, self.method, self.data, self.input_shape, self.settings, self.device,
@@ -315,10 +324,9 @@ def _macs(method, model, input_shape, val_loader, pruned, dense_macs) -> float:
     return float(method.measure_macs(model, input_shape, val_loader))
 
 
-def _cost_metrics(method, model, input_shape, val_loader, pruned, dense_macs) -> dict[str, float]:
+def _cost_fields(macs: float, pruned: bool, dense_macs: float) -> dict[str, float]:
     """``macs``, ``macs_reduction`` (1 - macs / dense: the axis ``prune_ratio`` targets) and, once
     pruned, ``removed_nothing`` (1 when the cut left the dense MACs)."""
-    macs = _macs(method, model, input_shape, val_loader, pruned, dense_macs)
     out = {"macs": macs, "macs_reduction": 1.0 - macs / float(dense_macs)}
     if pruned:
         out["removed_nothing"] = float(macs >= dense_macs)
