@@ -20,6 +20,8 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
+from methods.errors import PruneTuneError
+
 __all__ = ["copy_fresh_database", "template_path", "schema_head"]
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ def _build(template: Path, head: str) -> None:
         finally:
             engine.dispose()
         if _revision(Path(tmp)) != head:
-            raise RuntimeError(f"the migrated template records another revision than {head}")
+            raise PruneTuneError(f"the migrated template records another revision than {head}")
         os.replace(tmp, template)
     finally:
         if os.path.exists(tmp):
