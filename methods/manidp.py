@@ -480,6 +480,8 @@ class ManiDP(PruningMethod):
         target = self.hparams["prune_ratio"]
         plan = plan_keep_rates(model, context.input_shape, target, context.reference_macs,
                                min_channels=self.min_channels, squeeze_rate=self.squeeze_rate)
+        if not plan.etas:  # no residual block to gate: gate_model refuses the model in one line
+            return
         self._eta, self._etas, self._floored = max(plan.etas.values()), plan.etas, plan.floored
         if plan.target < plan.requested:
             log.warning("manidp: prune_ratio %.3f is beyond its reach on %s: with >= %d channels per gate it removes "
