@@ -269,11 +269,13 @@ _HELPERS = ("monitor", "dashboard", "log_monitor")
 
 
 def _end_helpers() -> None:
-    """SIGTERM the embedded node's autoscaler monitor, dashboard and log monitor now. ``ray.shutdown``
-    stops one process after the other, each given a second after its SIGTERM; it reaches the monitor
-    after the GCS is gone, and the monitor then spends its whole second and is SIGKILLed (most of a
-    1.1-1.6 s shutdown). Asked while the GCS still answers, it ends at once; ``ray.shutdown`` still
-    waits for (and kills) whatever did not. Best effort: Ray's private node handle."""
+    """SIGKILL the embedded node's autoscaler monitor, dashboard and log monitor now (they hold
+    nothing a sweep needs). ``ray.shutdown`` stops one process after the other, each given a second
+    after its SIGTERM; it reaches the monitor after the GCS is gone, and the monitor then spends its
+    whole second and is SIGKILLed (most of a 1.1-1.6 s shutdown). Not SIGTERM: a monitor asked to end
+    while the GCS still answers reports "The autoscaler failed ... Terminated with signal 15" and its
+    traceback to the driver's output. ``ray.shutdown`` still stops the rest. Best effort: Ray's
+    private node handle."""
     try:
         from ray._private import worker
 
@@ -281,7 +283,7 @@ def _end_helpers() -> None:
         infos = [info for kind in _HELPERS for info in (node.all_processes.get(kind, ()) if node else ())]
         for info in infos:
             if info.process.poll() is None:
-                info.process.terminate()
+                info.process.kill()
     except Exception:  # noqa: BLE001  (ray.shutdown does it all anyway)
         log.debug("could not signal Ray's helper processes", exc_info=True)
 
