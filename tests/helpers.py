@@ -55,3 +55,17 @@ def live_processes():
             continue
         if fields[0] != "Z":
             yield int(entry.name), entry, int(fields[3])
+
+
+def small_trial_settings(base_dir, seed: int, finetune_epochs: int):
+    """A half-width ResNet-20 digits trial with a one-epoch dense base (trained here, once per
+    ``base_dir``): what the trial-level tests run."""
+    from trainables.base_model import ensure_base_model
+    from trainables.settings import TrainSettings, TrialSettings
+
+    settings = TrialSettings(model="resnet20", dataset="digits", seed=seed, use_gpu=False,
+                             model_kwargs={"width_mult": 0.5}, base=TrainSettings(epochs=1, lr=0.1, batch_size=128),
+                             finetune=TrainSettings(epochs=finetune_epochs, lr=0.01, batch_size=256),
+                             calibration_batches=2, base_dir=str(base_dir))
+    ensure_base_model(settings)
+    return settings

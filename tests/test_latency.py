@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import TINY_SWEEP
+from helpers import small_trial_settings
 from methods.errors import ConfigError
 from search.cli import main
 from search.compare import compare_fronts, resolve_sweep
@@ -30,8 +31,6 @@ from search.searcher import ParetoOptunaSearch, make_sampler
 from search.space import make_space
 from search.sweep import run_sweep
 from search.tracking import TRIAL_TAG, child_runs
-from trainables.base_model import ensure_base_model
-from trainables.settings import TrainSettings, TrialSettings
 from trainables.trial import run_trial
 
 LATENCY_KEYS = ("latency_ms", "dense_latency_ms", "latency_ratio", "latency_device", "latency_model")
@@ -40,12 +39,7 @@ LATENCY_KEYS = ("latency_ms", "dense_latency_ms", "latency_ratio", "latency_devi
 # ---- the trial ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory):
-    s = TrialSettings(model="resnet20", dataset="digits", seed=0, use_gpu=False, model_kwargs={"width_mult": 0.5},
-                      base=TrainSettings(epochs=1, lr=0.1, batch_size=128),
-                      finetune=TrainSettings(epochs=2, lr=0.01, batch_size=256),
-                      calibration_batches=2, base_dir=str(tmp_path_factory.mktemp("base_models")))
-    ensure_base_model(s)
-    return s
+    return small_trial_settings(tmp_path_factory.mktemp("base_models"), seed=0, finetune_epochs=2)
 
 
 @pytest.mark.parametrize("name,hparams", [("l1_norm", {"prune_ratio": 0.7}),

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainables.base_model import ensure_base_model
+from helpers import small_trial_settings
 from trainables.model_io import load_model
 from trainables.report_thread import ReportThread
-from trainables.settings import TrainSettings, TrialSettings
 from trainables.trial import MODEL_DIR, STATE_FILE, run_trial
 from trainables.tune_trainable import epoch_reporter
 
@@ -125,12 +124,7 @@ def test_a_reporting_error_reaches_the_trial_and_close_waits_for_the_rest():
 # ---- checkpoints taken while the trial trains on ------------------------------------------------------
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory):
-    s = TrialSettings(model="resnet20", dataset="digits", seed=5, use_gpu=False, model_kwargs={"width_mult": 0.5},
-                      base=TrainSettings(epochs=1, lr=0.1, batch_size=128),
-                      finetune=TrainSettings(epochs=3, lr=0.01, batch_size=256),
-                      calibration_batches=2, base_dir=str(tmp_path_factory.mktemp("base_models")))
-    ensure_base_model(s)
-    return s
+    return small_trial_settings(tmp_path_factory.mktemp("base_models"), seed=5, finetune_epochs=3)
 
 
 def _slow_copy(root: Path, epochs: list[int]):

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 import trainables.trial as trial_module
+from helpers import small_trial_settings
 from methods.cost import profile
-from trainables.base_model import ensure_base_model
 from trainables.model_io import load_model
-from trainables.settings import TrainSettings, TrialSettings
 from trainables.trial import MODEL_DIR, run_trial
 
 EPOCHS = 3
@@ -20,12 +19,7 @@ EPOCHS = 3
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory):
-    s = TrialSettings(model="resnet20", dataset="digits", seed=2, use_gpu=False, model_kwargs={"width_mult": 0.5},
-                      base=TrainSettings(epochs=1, lr=0.1, batch_size=128),
-                      finetune=TrainSettings(epochs=EPOCHS, lr=0.01, batch_size=256),
-                      calibration_batches=2, base_dir=str(tmp_path_factory.mktemp("base_models")))
-    ensure_base_model(s)
-    return s
+    return small_trial_settings(tmp_path_factory.mktemp("base_models"), seed=2, finetune_epochs=EPOCHS)
 
 
 def _run_counting(settings, method, hparams, root: Path, monkeypatch) -> tuple[list[dict], int]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import small_trial_settings
 from methods import get_method_class, list_methods
 from trainables.base_model import ensure_base_model
 from trainables.data import load, make_loader
@@ -46,12 +47,7 @@ def _resume_points(name: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory):
-    s = TrialSettings(model="resnet20", dataset="digits", seed=3, use_gpu=False, model_kwargs={"width_mult": 0.5},
-                      base=TrainSettings(epochs=1, lr=0.1, batch_size=128),
-                      finetune=TrainSettings(epochs=FINETUNE_EPOCHS, lr=0.01, batch_size=256),
-                      calibration_batches=2, base_dir=str(tmp_path_factory.mktemp("base_models")))
-    ensure_base_model(s)
-    return s
+    return small_trial_settings(tmp_path_factory.mktemp("base_models"), seed=3, finetune_epochs=FINETUNE_EPOCHS)
 
 
 def _run(settings, name, root: Path, resume_from: Path | None = None) -> tuple[list[dict], list[Path]]:
