@@ -63,8 +63,7 @@ def open_client(uri: str, *, create: bool = True) -> MlflowClient:
                           "pass --tracking-uri or move it back")
     try:
         with FileLock(str(db) + ".lock", timeout=STORE_LOCK_TIMEOUT_S):
-            if not db.exists():  # a copy of an empty database of this MLflow: no migrations to run
-                copy_fresh_database(db)
+            copy_fresh_database(db)  # a missing one: a copy of an empty database of this MLflow, no migrations
             client = MlflowClient(uri)  # MLflow 3 builds the store here: creates or migrates the schema
             client.search_experiments(max_results=1)
     except Timeout:
