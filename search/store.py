@@ -1,10 +1,10 @@
 """The MLflow store a sweep writes to: opened safely, named absolutely.
 
 ``open_client`` builds an ``MlflowClient`` whose store is ready; for SQLite it creates or migrates
-the database under a file lock beside it (``<db>.lock``; a new one is a copy of an empty database of
-the installed MLflow, ``search.schema_cache``, rather than ~100 schema migrations), so two drivers that first use one new
-database at the same time cannot both create its tables (which broke it for good: ``table
-experiments already exists``, ``duplicate column name: step``). ``absolute_uri`` resolves a relative
+the database under a file lock beside it (``<db>.lock``; a new one is a copy of an empty database
+of the installed MLflow, ``search.schema_cache``, rather than ~100 schema migrations), so two drivers
+that first use one new database at the same time cannot both create its tables (which broke it
+for good: ``table experiments already exists``, ``duplicate column name: step``). ``absolute_uri`` resolves a relative
 SQLite path, which is what a sweep records so that resume, fronts and promote work from any
 directory. Light on imports (no Ray; MLflow only when a client is opened, so the sweep's preflight,
 which names the database absolutely, does not wait for MLflow's import before Ray starts): a process
