@@ -2,6 +2,7 @@
 seeded (the same sweep seed gives the same design) and picklable (Tune saves the searcher)."""
 from __future__ import annotations
 
+import math
 import pickle
 
 import optuna
@@ -32,8 +33,13 @@ def test_startup_covers_every_method_once_and_every_prune_ratio_bin_once():
     first = trials[:8]
     assert sorted(t.params["method"] for t in first) == sorted(cfg.methods)
     low, high = space.space["thinet"]["prune_ratio"].low, space.space["thinet"]["prune_ratio"].high
-    bins = sorted(int((t.params["prune_ratio"] - low) / (high - low) * 8) for t in first)
-    assert bins == list(range(8))
+
+    def log_kept_bin(ratio):  # the bins are equal in log(MACs kept): each halving of the cost alike
+        return int(math.log((1 - ratio) / (1 - low)) / math.log((1 - high) / (1 - low)) * 8)
+
+    assert sorted(log_kept_bin(t.params["prune_ratio"]) for t in first) == list(range(8))
+    # [0.5, 0.98]: half the design below 10% of the dense MACs (equal bins in prune_ratio put one there).
+    assert sum(1 - t.params["prune_ratio"] < 0.1 for t in first) == 4
     # After the start-up TPE models the trials: its suggestions stay inside the declared ranges.
     assert all(low <= t.params["prune_ratio"] <= high for t in trials[8:])
 
