@@ -8,8 +8,10 @@ with the sweep's ``k/N done, r running``, instead of Tune's boxed status tables 
   ``checkpoint_period_s``, the same period at which trials save checkpoints
   (``trainables.tune_trainable.trial_fn``). Trials that checkpointed every sub-second epoch made Tune
   force a snapshot every ``num_to_keep`` checkpoints (its "snapshotting has been triggered multiple
-  times" warnings); now a trial adds at most one checkpoint between periodic snapshots, plus its
-  final one.
+  times" warnings); now a trial adds at most one periodic checkpoint between periodic snapshots,
+  plus its final one, and the sweep keeps 3 per trial (``CheckpointConfig(num_to_keep=3)``,
+  ``search.sweep``), so those two never force a snapshot (with 2 they did whenever no periodic
+  snapshot fell between them: the warning in every sweep whose trials ran past one period).
 * ``RAY_AIR_NEW_OUTPUT=0`` without ``-v``: Tune's new output engine prints its header box even at
   ``verbose=0``; the legacy one is silent there.
 """

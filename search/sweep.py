@@ -451,7 +451,8 @@ def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool,
         run_config=tune.RunConfig(
             name=os.path.basename(tune_path), storage_path=os.path.dirname(tune_path), **tune_storage,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            # 3: a periodic checkpoint and the final one never force a snapshot (search.progress)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
             callbacks=[MLflowTrialLogger(cfg.tracking_uri, parent, example), *callbacks], verbose=tune_verbosity()),
     )
 

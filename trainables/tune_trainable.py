@@ -42,8 +42,9 @@ def trial_fn(config: dict[str, Any], settings: TrialSettings, checkpoint_period_
     Every epoch reports its metrics; a checkpoint goes with the report when ``checkpoint_period_s``
     (0: every epoch) has passed since the trial's last one, and always with its final result (the
     model MLflow logs). Sub-second epochs would otherwise checkpoint every epoch, and with Tune's
-    ``num_to_keep`` each pair of checkpoints forces an experiment-state snapshot (Ray's "snapshotting
-    has been triggered multiple times" warning).
+    ``num_to_keep`` every few checkpoints force an experiment-state snapshot (Ray's "snapshotting
+    has been triggered multiple times" warning; ``search.progress`` says why a trial's periodic and
+    final checkpoints no longer do).
 
     Reports go to Tune from a thread of their own (``trainables.report_thread``): the trial trains
     its next epoch while the driver handles the last one. ``wait_at``: the fine-tune epochs
