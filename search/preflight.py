@@ -166,11 +166,17 @@ def check_methods_fit(cfg: SweepConfig, model, input_shape) -> None:
     from methods import PruneContext, create_method
     from methods.errors import PruneTuneError
 
-    for i, name in enumerate(cfg.methods):
-        try:
-            create_method(name).prepare(copy.deepcopy(model), PruneContext(tuple(input_shape)))
-        except PruneTuneError as exc:  # a SurgeryError, or e.g. scratch finding no batch norm to gate
-            raise ConfigError(f"methods[{i}]: {name} cannot prune {cfg.model}: {exc}") from None
+    methods_log = logging.getLogger("methods")
+    level = methods_log.level
+    methods_log.setLevel(max(logging.WARNING, methods_log.getEffectiveLevel()))  # no INFO lines of a trial that never runs
+    try:
+        for i, name in enumerate(cfg.methods):
+            try:
+                create_method(name).prepare(copy.deepcopy(model), PruneContext(tuple(input_shape)))
+            except PruneTuneError as exc:  # a SurgeryError, or e.g. scratch finding no batch norm to gate
+                raise ConfigError(f"methods[{i}]: {name} cannot prune {cfg.model}: {exc}") from None
+    finally:
+        methods_log.setLevel(level)
 
 
 def check_expansion(cfg: SweepConfig) -> None:

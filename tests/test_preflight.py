@@ -75,6 +75,17 @@ def test_method_that_cannot_attach_to_the_model_is_refused():
         preflight(_cfg("model=vgg16_cifar", "image_size=32", "methods=[l1_norm, manidp]"))
 
 
+def test_methods_dry_run_prints_no_trial_lines(tmp_path, caplog):
+    """The preflight prepares every method on the model to see that it attaches; their INFO lines
+    ("csgd: 9 groups clustered (layer1.0.conv1: 16->8, ...)") would describe trials that never ran."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    preflight(_cfg(f"storage_path={tmp_path}", f"tracking_uri=sqlite:///{tmp_path}/m.db"))
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("methods")]
+    assert logging.getLogger("methods").level == logging.NOTSET  # put back as it was
+
+
 def test_storage_path_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "taken").write_text("")
     with pytest.raises(ConfigError, match=rf"^storage_path: {tmp_path / 'taken'} is not a folder$"):
