@@ -3,6 +3,7 @@
     pip install -e '.[bench]'          # torch-pruning
     python benchmarks/bench_vs_torch_pruning.py [--seeds 0 1] [--config configs/quickstart.yaml]
     python benchmarks/bench_vs_torch_pruning.py --seeds 0 --set num_trials=4 --set finetune.epochs=1  # smoke run
+    python benchmarks/bench_vs_torch_pruning.py --seeds 0 1 2 3 --matched-time   # + the peer given prunetune's wall time
 
 For each seed, in a fresh temporary folder:
 
@@ -28,6 +29,10 @@ MACs come from the same counter (``methods.cost.profile``, batch 1) on both side
 Printed per seed and side: hypervolume / dense MACs (reference: accuracy 0, dense MACs;
 ``search.pareto.hypervolume``), the cheapest model reached (fraction of dense MACs), the best val
 accuracy at <= 10 / 20 / 30 % of dense MACs, wall time, trials that removed nothing, failed trials.
+
+``--matched-time`` adds a third side, per second of compute: the peer again (same seed, same
+base), asking for new trials until its wall time reaches prunetune's for that seed (the trials
+running then finish), so both searches had the same machine for the same time.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parent.parent
 BUDGETS = (0.10, 0.20, 0.30)
+MATCHED = "peer (same time)"
 PEER_SPACE = {"importance": ["l1", "bn_scale", "group_l2", "lamp", "random"], "ratio": (0.2, 0.8),
               "global": [False, True]}
 
@@ -59,6 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for both sides (e.g. finetune.epochs=1); repeatable")
     ap.add_argument("--keep", action="store_true", help="keep each seed's temporary folder (its path is printed)")
+    ap.add_argument("--matched-time", action="store_true",
+                    help="also run the peer for as long as prunetune's sweep took (as many trials as fit)")
     return ap.parse_args(argv)
 
 
@@ -104,8 +112,10 @@ def run_prunetune(config: str, overrides, root: Path) -> tuple[list, int, float,
     return [(p.accuracy, p.macs) for p in pts], failed, wall, [(p.method, p.accuracy, p.macs) for p in pts]
 
 
-def run_peer(base_dir: Path, settings, trials: int, workers: int, seed: int) -> tuple[list, int, float, list]:
-    """The Optuna + Torch-Pruning study; returns what ``run_prunetune`` does."""
+def run_peer(base_dir: Path, settings, trials: int | None, workers: int, seed: int,
+             seconds: float | None = None) -> tuple[list, int, float, list]:
+    """The Optuna + Torch-Pruning study: ``trials`` trials, or (``trials`` None) new trials until
+    ``seconds`` have passed; returns what ``run_prunetune`` does."""
     import optuna
 
     from tp_peer import run_peer_trial
@@ -120,8 +130,12 @@ def run_peer(base_dir: Path, settings, trials: int, workers: int, seed: int) -> 
     # spawn: a forked child of this torch-using process could inherit a busy OpenMP pool
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         running, asked = {}, 0
-        while asked < trials or running:
-            while asked < trials and len(running) < workers:
+
+        def more() -> bool:
+            return asked < trials if trials is not None else time.perf_counter() - t0 < seconds
+
+        while more() or running:
+            while more() and len(running) < workers:
                 trial = study.ask()
                 params = {"importance": trial.suggest_categorical("importance", PEER_SPACE["importance"]),
                           "ratio": trial.suggest_float("ratio", *PEER_SPACE["ratio"]),
@@ -180,20 +194,28 @@ def one_seed(args, seed: int) -> dict:
     peer_points, peer_failed, peer_wall, peer_rows = run_peer(base_dir, settings, cfg.num_trials,
                                                               cfg.max_concurrent_trials, seed)
     print(f"peer: {len(peer_points)} trials finished in {peer_wall:.1f}s", flush=True)
-    for side, rows in (("prunetune", pt_rows), ("peer", peer_rows)):
+    sides = {"prunetune": summarise(pt_points, dense_macs, pt_failed, pt_wall),
+             "peer": summarise(peer_points, dense_macs, peer_failed, peer_wall)}
+    listed_rows = [("prunetune", pt_rows), ("peer", peer_rows)]
+    if args.matched_time:
+        m_points, m_failed, m_wall, m_rows = run_peer(base_dir, settings, None, cfg.max_concurrent_trials, seed,
+                                                      seconds=pt_wall)
+        print(f"peer, prunetune's wall time: {len(m_points)} trials finished in {m_wall:.1f}s", flush=True)
+        sides[MATCHED] = summarise(m_points, dense_macs, m_failed, m_wall)
+        listed_rows.append((MATCHED, m_rows))
+    for side, rows in listed_rows:
         listed = ", ".join(f"{name} {acc:.3f}@{macs / dense_macs:.1%}" for name, acc, macs in sorted(rows, key=lambda r: r[2]))
         print(f"  {side} trials (val accuracy @ MACs / dense): {listed}")
     if not args.keep:
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
-    return {"prunetune": summarise(pt_points, dense_macs, pt_failed, pt_wall),
-            "peer": summarise(peer_points, dense_macs, peer_failed, peer_wall)}
+    return sides
 
 
 def print_table(results: dict) -> None:
     seeds = list(results)
-    cols = [(s, side) for s in seeds for side in ("prunetune", "peer")]
+    cols = [(s, side) for s in seeds for side in ("prunetune", "peer", MATCHED) if side in results[s]]
 
     def fmt_best(v):
         return "none" if v is None else f"{v:.3f}"
@@ -212,6 +234,10 @@ def print_table(results: dict) -> None:
                  for s in seeds for b in BUDGETS)
     print(f"goal: prunetune hypervolume >= peer's on every seed: {'met' if hv_ok else 'NOT met'}; "
           f"best accuracy at every budget >= peer's: {'met' if acc_ok else 'NOT met'}")
+    matched = [s for s in seeds if MATCHED in results[s]]
+    if matched:
+        wins = sum(results[s]["prunetune"]["hv"] >= results[s][MATCHED]["hv"] for s in matched)
+        print(f"per second of compute: prunetune hypervolume >= the time-matched peer's on {wins} of {len(matched)} seeds")
 
 
 def main(argv=None):
