@@ -45,7 +45,7 @@ measured on the quickstart, ResNet-20 on 8x8 digits, ``scope: all``, a 2-epoch p
 command in benchmarks/RESULTS.md). A short phase zeroes channels worth ~45% of the MACs, so at
 95-97% removed the cut's bisection decides the widths; ranking every live channel by its plain
 |gamma| norm it cut the last stage's residual group (the classifier's input) to 1 channel at 97%
-and the trials to 0.19-0.22 accuracy (0.71-0.94 at 95%). Hence:
+and the trials to 0.19-0.22 accuracy (0.71-0.95 at 95%). Hence:
 
 * the cut removes the residual-coupled groups' live channels only after every block-internal
   group is at its floor, and then at one rate across those groups (:func:`_cut_order`); where the
@@ -55,7 +55,7 @@ and the trials to 0.19-0.22 accuracy (0.71-0.94 at 95%). Hence:
   step would zero a whole group (a residual one makes the network constant), its largest channels
   skip that step (``_spared``); a group above the floor gets exactly the paper's step. A floor of
   2/4/8 channels in every group was measured and is worse: the internal groups' extra cost pushes
-  the residual groups to the floor (0.20-0.45 at 95-98%).
+  the residual groups to the floor (0.19-0.45 at 95-98%; 8 caps the reach at 88%).
 * a target beyond the reach (every group at the floor: ~0.96 with scope internal on digits) is
   clipped there with one warning line; the phase and the cut aim at the reach and the trial
   reports the MACs it really removed.
@@ -329,7 +329,7 @@ class ISTA(PruningMethod):
     def _aim(self, macs: MacsModel, reference: float) -> float:
         """The MACs reduction the phase and the cut aim at: ``prune_ratio``, or the reach (every
         group at ``min_channels``, rounded to ``round_to``) where it lies beyond; that is said in
-        one warning line, once per trial (the flag is checkpointed)."""
+        one warning line, once per method object (a trial resumed in its phase says it again)."""
         if self._reach is None:
             floor = [round_width(0, s, round_to=self.hparams["round_to"], min_channels=self.min_channels)
                      for s in macs.sizes]
