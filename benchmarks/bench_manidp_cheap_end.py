@@ -1,9 +1,11 @@
-"""ManiDP at the cheap end of the quickstart: one quickstart trial (ResNet-20 on 8x8 digits, the
-config's base, phase and fine-tune) per (seed, prune_ratio), validation accuracy and the fraction of
-the dense MACs it really uses on average (``1 - macs_reduction``).
+"""ManiDP (or ``--method``) at the cheap end of the quickstart: one quickstart trial (ResNet-20 on
+8x8 digits, the config's base, phase and fine-tune) per (seed, prune_ratio), validation accuracy and
+the fraction of the dense MACs it really uses on average (``1 - macs_reduction``), then per
+prune_ratio the min/median/max over the seeds.
 
     python benchmarks/bench_manidp_cheap_end.py [--ratios 0.6 0.9 0.95 0.97] [--seeds 0 1]
         [--phase-epochs 2] [--code DIR] [--storage /tmp/lead_exp]
+        [--method ista --hparam scope=all ...]
 
 ``--code DIR`` runs the trials with the package from another checkout (e.g. ``git archive`` of the
 commit before a change, unpacked into DIR), so a before/after table comes from one script with the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +30,9 @@ def main() -> None:
     parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1],
                         help="checkout whose methods/trainables/search packages run the trials")
     parser.add_argument("--storage", default="/tmp/lead_exp", help="where the dense base models are cached")
+    parser.add_argument("--method", default="manidp", help="the pruning method every trial runs")
+    parser.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further hyperparameter of every trial (repeatable), e.g. scope=all")
     args = parser.parse_args()
     code = args.code.resolve()
     sys.path.insert(0, str(code))
@@ -40,6 +46,7 @@ def main() -> None:
     from trainables.trial import run_trial
 
     logging.basicConfig(level=logging.WARNING)
+    extra = dict(_parse(kv) for kv in args.hparam)
     print(f"code: {Path(methods.__file__).parent.parent}")
     rows = []
     for seed in args.seeds:
@@ -48,7 +55,7 @@ def main() -> None:
         ensure_base_model(settings)
         for ratio in args.ratios:
             t0 = time.perf_counter()
-            m = run_trial(settings, "manidp", {"prune_ratio": ratio, "phase_epochs": args.phase_epochs},
+            m = run_trial(settings, args.method, {"prune_ratio": ratio, "phase_epochs": args.phase_epochs, **extra},
                           lambda metrics, save: None)
             rows.append((seed, ratio, m["accuracy"], 1.0 - m["macs_reduction"], time.perf_counter() - t0))
             print(f"seed {seed} prune_ratio {ratio:.2f}: val accuracy {m['accuracy']:.3f} at "
@@ -56,6 +63,26 @@ def main() -> None:
     print("\n| seed | prune_ratio | val accuracy | % of dense MACs |\n| --- | --- | --- | --- |")
     for seed, ratio, acc, frac, _ in rows:
         print(f"| {seed} | {ratio:.2f} | {acc:.3f} | {100 * frac:.1f}% |")
+    print(f"\n{args.method} {extra} over seeds {args.seeds}: min / median / max\n"
+          "| prune_ratio | val accuracy | % of dense MACs |\n| --- | --- | --- |")
+    for ratio in args.ratios:
+        accs = [r[2] for r in rows if r[1] == ratio]
+        fracs = [100 * r[3] for r in rows if r[1] == ratio]
+        print(f"| {ratio:.2f} | {_spread(accs, '.3f')} | {_spread(fracs, '.1f')} |")
+
+
+def _parse(kv: str) -> tuple[str, object]:
+    key, _, value = kv.partition("=")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    return " / ".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
 
 
 if __name__ == "__main__":

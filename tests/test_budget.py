@@ -123,3 +123,24 @@ def test_scope_all_cuts_residual_groups_and_pad_shortcuts_exactly():
     assert pruned.conv1.out_channels == 13 and pruned.layer2[0].conv2.out_channels == 28
     assert pruned.layer2[0].shortcut.in_channels == 13 and pruned.layer3[0].shortcut.in_channels == 28
     assert torch.allclose(pruned(x), expected, atol=1e-5), (pruned(x) - expected).abs().max()
+
+
+@pytest.mark.parametrize("method", ["l1_norm", "slimming", "random"])
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_cheap_end_keeps_min_channels_in_every_group_even_a_dead_one(method, allocation):
+    """At 98% removed with scope all, every group keeps >= MIN_CHANNELS, also the last residual group
+    whose every channel scores zero (filters and gammas zeroed), and the target is met."""
+    from methods.selection import MIN_CHANNELS
+
+    digits = (1, 8, 8)
+    model = randomise_bn(create_model("resnet20", 10, in_channels=1)).eval()
+    graph = DependencyGraph(model)
+    last = graph.group_of("layer3.2.conv2")
+    _kill(model, [p for p in last.producers if hasattr(model.get_submodule(p), "weight")],
+          graph.batch_norm_names(last), list(range(last.size)))
+    pruned = create_method(method, prune_ratio=0.98, scope="all", allocation=allocation).prune(
+        model, PruneContext(digits))
+    widths = [g.size for g in DependencyGraph(pruned).prunable_groups(scope="all")]
+    assert len(widths) == len(graph.prunable_groups(scope="all")) and min(widths) >= MIN_CHANNELS >= 1
+    assert 1 - profile(pruned, digits).macs / profile(model, digits).macs == pytest.approx(0.98, abs=0.005)
+    assert pruned(torch.randn(2, *digits)).shape == (2, 10)

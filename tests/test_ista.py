@@ -2,6 +2,7 @@
 when the consumer is 1x1), the gamma-W rescaling is invisible and undone, the per-layer cost weights
 follow the paper's formula, and a short phase on digits really zeroes gammas and prunes."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from torch import nn
 
 from methods import PruneContext, create_method
 from methods.cost import profile
+from methods.graph import DependencyGraph
+from methods.ista import ISTA
 from trainables.data import load, make_loader
 from trainables.models import create_model
 from trainables.train import evaluate, train_epoch
@@ -281,3 +284,117 @@ def test_state_dict_resumes_a_phase(ista_resnet20, digits, tmp_path):
     again.load_state_dict(state)
     restored = again.prepare(copy.deepcopy(model))
     assert torch.equal(again.prune(restored, PruneContext(DIGITS)).eval()(x), a(x))
+
+
+# ---- the cheap end (beyond the paper: the floor, the residual groups' order, the clip) -----------
+def _groups(model):
+    return DependencyGraph(model).prunable_groups(scope="all")
+
+
+def _residual_widths(before, after):
+    """(kept, size) of every residual-coupled group (more than one producer)."""
+    return [(a.size, b.size) for b, a in zip(_groups(before), _groups(after)) if len(b.producers) > 1]
+
+
+@pytest.fixture(scope="module")
+def ista_all(ista_resnet20, digits):
+    """The same dense resnet20, one epoch of ISTA with scope all (residual groups penalised too)."""
+    dense, _, _ = ista_resnet20
+    method = create_method("ista", scope="all")
+    return dense, method, _ista_phase(copy.deepcopy(dense), method, _train_loader(digits), 1)
+
+
+def _with_ratio(method, ratio):
+    out = copy.deepcopy(method)
+    out.hparams["prune_ratio"] = ratio
+    return out
+
+
+class _PlainRanking(ISTA):
+    """The cut as it was before the cheap-end change: live channels by the plain |gamma| norm."""
+
+    @staticmethod
+    def _order(groups, removable, norms):
+        return [torch.where(ok, torch.full_like(n, -1.0), n).double() for ok, n in zip(removable, norms)]
+
+
+def _plain(method):
+    plain = copy.deepcopy(method)
+    plain.__class__ = _PlainRanking
+    return plain
+
+
+@pytest.mark.parametrize("ratio", [0.97, 0.98])
+def test_cheap_end_keeps_every_group_and_cuts_residual_groups_last(ista_all, ratio):
+    """At 97-98% removed with scope all, every group keeps >= min_channels, the target is met, and
+    the residual-coupled groups keep a common share of their width (the plain |gamma| ranking took
+    one of them to a single channel)."""
+    dense, method, model = ista_all
+    pruned = _with_ratio(method, ratio).prune(model, PruneContext(DIGITS))
+    assert len(_groups(pruned)) == len(_groups(dense))
+    assert min(g.size for g in _groups(pruned)) >= ISTA.min_channels >= 1
+    assert 1 - profile(pruned, DIGITS).macs / profile(dense, DIGITS).macs == pytest.approx(ratio, abs=0.003)
+    shares = [kept / size for kept, size in _residual_widths(dense, pruned)]
+    assert min(shares) >= 0.35 and max(shares) - min(shares) <= 1 / 16 + 1e-9
+    plain = _plain(_with_ratio(method, ratio)).prune(model, PruneContext(DIGITS))
+    assert min(kept for kept, _ in _residual_widths(dense, plain)) <= 2  # what collapsed the trials
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 0.8])
+def test_moderate_targets_cut_exactly_as_the_plain_gamma_ranking(ista_all, ratio):
+    """Where the cut removes no live residual channel, the pruned model is the plain ranking's, bit for bit."""
+    _, method, model = ista_all
+    x = torch.randn(4, *DIGITS)
+    ours = _with_ratio(method, ratio).prune(model, PruneContext(DIGITS)).eval()
+    plain = _plain(_with_ratio(method, ratio)).prune(model, PruneContext(DIGITS)).eval()
+    a, b = ours.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(ours(x), plain(x))
+
+
+def test_the_phase_is_the_papers_step_where_the_floor_does_not_bind(ista_resnet20, digits):
+    """One epoch of the phase with the floor and without it (min_channels 0) gives the same
+    parameters, bit for bit; where a step would zero a whole group, its largest channel skips it."""
+    dense, _, _ = ista_resnet20
+    models = []
+    for floor in (ISTA.min_channels, 0):
+        method = create_method("ista", scope="all")
+        method.min_channels = floor
+        torch.manual_seed(0)
+        models.append(_ista_phase(copy.deepcopy(dense), method, _train_loader(digits), 1))
+    a, b = models[0].state_dict(), models[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    model = create_model("resnet20", 10, in_channels=1)
+    method = create_method("ista", mu=0.02, rho=0.01, alpha=1.0, scope="all")
+    method.prepare(model)
+    method.make_optimizer(model, lr=0.02, momentum=0.0, weight_decay=0.0)
+    doomed, kept = model.layer2[1].bn1.weight, model.layer2[2].bn1.weight
+    t = 0.02 * 0.01 * (16 + 9 * 32 + 9 * 32) / 64  # lambda of layer2.1.bn1 / layer2.2.bn1
+    with torch.no_grad():
+        doomed.copy_(torch.linspace(-0.5, 0.9, 32) * t)  # every |gamma| <= t: the step zeroes them all
+        kept.copy_(torch.linspace(-0.5, 3.0, 32) * t)
+    before_doomed, before_kept = doomed.detach().clone(), kept.detach().clone()
+    method.extra_loss(model, torch.zeros(2, *DIGITS), None, None)
+    method.after_step(model)
+    assert int((doomed != 0).sum()) == 1 and doomed[31] == before_doomed[31]
+    assert torch.equal(kept.detach(), torch.sign(before_kept) * (before_kept.abs() - t).clamp(min=0))
+
+
+def test_a_target_beyond_the_reach_is_clipped_with_one_warning(ista_resnet20, digits, caplog):
+    """scope internal at 97%: block-internal groups at one channel each remove ~96% of the dense
+    MACs on digits; the phase and the cut aim there, and say so in one warning line."""
+    dense, _, _ = ista_resnet20
+    method = create_method("ista", prune_ratio=0.97)
+    reference = profile(dense, DIGITS).macs
+    with caplog.at_level(logging.WARNING, logger="methods.ista"):
+        model = _ista_phase(method.prepare(copy.deepcopy(dense), PruneContext(DIGITS, reference_macs=reference)),
+                            method, _train_loader(digits), 1)
+        pruned = method.prune(model, PruneContext(DIGITS, reference_macs=reference))
+        method.prune(model, PruneContext(DIGITS, reference_macs=reference))
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "methods.ista"]
+    assert len(warnings) == 1 and "prune_ratio 0.970 is beyond its reach with scope internal" in warnings[0].message
+    reach = 1 - profile(pruned, DIGITS).macs / reference
+    assert 0.9 < reach < 0.97 and f"at most {reach:.3f}" in warnings[0].getMessage()
+    assert all(pruned.get_submodule(f"layer{s}.{b}.conv1").out_channels == 1 for s in (1, 2, 3) for b in range(3))
+    assert method.state_dict()["clip_warned"] is True
