@@ -5,8 +5,10 @@ of CPU in the first trial on every worker, and the driver's preflight paid it ag
 One folder per recipe, ``<root>/digits-<key>/``: ``{train,val,test}_{images,targets}.npy`` (the
 splits' tensors exactly as ``trainables.data`` builds them: normalised ``float32`` images, ``int64``
 labels) and ``recipe.json``. The key hashes the recipe: data set, image size, validation share,
-seed, this module's format, and the installed scikit-learn (the images and the seeded split),
-NumPy and torch (resizing and normalisation) versions. A folder is written into a temporary
+seed, this module's format, the installed scikit-learn (the images and the seeded split), NumPy
+and torch (resizing and normalisation) versions, and the CPU's vector instruction set torch uses
+(its reductions may sum in another order on another one; the thread count does not change them,
+``tests/test_data_cache.py``), so a node of another kind on a shared folder builds its own. A folder is written into a temporary
 sibling and renamed, so a reader sees a whole one or none; a reader checks the recipe file against
 its own and every array's dtype and shape, and anything that does not match (another version's
 folder, a truncated file) is not used: the data set is then built from scikit-learn as before.
@@ -52,7 +54,7 @@ def recipe(*, image_size: int | None, val_fraction: float, seed: int) -> dict[st
     the versions of what builds them)."""
     return {"dataset": "digits", "format": FORMAT, "image_size": image_size, "val_fraction": float(val_fraction),
             "seed": int(seed), "scikit-learn": _version("scikit-learn"), "numpy": np.__version__,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
 
 
 def folder(root: str | os.PathLike, spec: dict[str, Any]) -> Path:

@@ -1,6 +1,6 @@
 """Per-process caches: a Ray worker reused across trials (``reuse_actors``) loads its data once.
 
-The digits splits also come from a file cache on the sweep's storage (``<base_dir>/data/``, see
+The digits splits also come from a file cache on the sweep's storage (``<base_dir>/.data/``, see
 ``trainables.data_cache``) when ``base_dir`` is a local or NFS folder: the driver writes it
 (:func:`keep_data`) before the trials start, so no trial's worker imports scikit-learn.
 """
@@ -15,8 +15,9 @@ from .settings import TrialSettings
 
 __all__ = ["load_data", "keep_data", "data_cache_root"]
 
-#: The folder under ``base_dir`` that holds the cached data sets.
-DATA_FOLDER = "data"
+#: The folder under ``base_dir`` that holds the cached data sets (hidden: everything else there is a
+#: base model, and what lists them skips dot-names, like the half-written ``.tmp-`` ones).
+DATA_FOLDER = ".data"
 
 
 @lru_cache(maxsize=4)
