@@ -1,5 +1,5 @@
 """The first trial on a fresh worker: CPU seconds from a new Python process to the trial's first
-report, part by part, this checkout against another side by side.
+report, part by part, and the driver's preflight, this checkout against another side by side.
 
     python benchmarks/bench_first_trial.py [--repeats 5] [--compare-with OTHER_CHECKOUT] [--method l1_norm]
 
@@ -17,6 +17,11 @@ first. The dense base is trained once beforehand (digits ResNet-20, one epoch: t
 start-up does not depend on it) and shared; this checkout's driver-side data cache is written
 beforehand, as a sweep's driver does before its trials start. The first report's metrics of the
 two checkouts must be equal (the same trial, bit for bit), else the benchmark fails.
+
+The driver's preflight: a fresh process imports what ``prunetune run`` imports before it
+(``search.config``, ``search.sweep``) and runs ``search.preflight.preflight`` on
+``configs/quickstart.yaml`` (all eight methods) with ``storage_path`` the benchmark's folder, where
+this checkout's data cache is (as for every sweep after the first on one storage path).
 """
 from __future__ import annotations
 
@@ -81,10 +86,25 @@ def child(base_dir: str, method: str) -> None:
                       "trainables": str(Path(trainables.tune_trainable.__file__).resolve().parents[1])}))
 
 
-def _run_child(tree: Path, base_dir: str, method: str) -> dict:
+def child_preflight(root: str) -> None:
+    from search.config import load_config
+    from search.preflight import preflight
+    import search.sweep  # noqa: F401  (what `prunetune run` has imported by then)
+
+    cfg = load_config("configs/quickstart.yaml", [f"storage_path={root}", f"tracking_uri=sqlite:///{root}/mlflow.db"])
+    c, w = time.process_time(), time.perf_counter()
+    preflight(cfg)
+    c, w = time.process_time() - c, time.perf_counter() - w
+    import search.preflight as module
+
+    print(json.dumps({"cpu": c, "wall": w, "imported": [m for m in WATCHED if m in sys.modules],
+                      "trainables": str(Path(module.__file__).resolve().parents[1])}))
+
+
+def _run_child(tree: Path, base_dir: str, method: str, preflight: bool = False) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    out = subprocess.run([sys.executable, __file__, "--child", base_dir, "--method", method], env=env,
-                         capture_output=True, text=True, cwd=tree)
+    argv = ["--child-preflight", str(Path(base_dir).parent)] if preflight else ["--child", base_dir, "--method", method]
+    out = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True, cwd=tree)
     if out.returncode:
         sys.exit(f"child in {tree} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -107,7 +127,7 @@ def _mmm(values: list[float]) -> str:
     return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
 
 
-def report(sides: dict[str, list[dict]], loads) -> None:
+def report(sides: dict[str, list[dict]], preflights: dict[str, list[dict]], loads) -> None:
     names = list(sides)
     print(f"\nload average before {loads[0]}, after {loads[1]}; {len(sides[names[0]])} repeats; "
           "CPU s, min / median / max")
@@ -122,8 +142,12 @@ def report(sides: dict[str, list[dict]], loads) -> None:
         print(f"| {part} | " + " | ".join(cells) + " |")
     walls = [_mmm([sum(r["parts"][p][1] for p in PARTS[1:]) for r in sides[n]]) for n in names]
     print("| wall, import of Ray to first report | " + " | ".join(walls) + " |")
+    print("| driver: preflight, CPU (quickstart config) | " +
+          " | ".join(_mmm([r["cpu"] for r in preflights[n]]) for n in names) + " |")
+    print("| driver: preflight, wall | " + " | ".join(_mmm([r["wall"] for r in preflights[n]]) for n in names) + " |")
     for name in names:
-        print(f"{name}: imported {sorted({m for r in sides[name] for m in r['imported']})}")
+        print(f"{name}: the trial imported {sorted({m for r in sides[name] for m in r['imported']})}; the preflight "
+              f"{sorted({m for r in preflights[name] for m in r['imported']})}")
     if len(names) == 2:
         a, b = ([sum(r["parts"][p][0] for p in PARTS) for r in sides[n]] for n in names)
         print(f"total CPU, {names[0]} / {names[1]}, median of per-repeat ratios: "
@@ -137,9 +161,12 @@ def main() -> None:
     parser.add_argument("--compare-with", type=Path, help="another checkout, run side by side")
     parser.add_argument("--method", default="l1_norm")
     parser.add_argument("--child", metavar="BASE_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--child-preflight", metavar="ROOT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.method)
+    if args.child_preflight:
+        return child_preflight(args.child_preflight)
     trees = {"this checkout": HERE}
     if args.compare_with:
         trees[f"other ({args.compare_with})"] = args.compare_with.resolve()
@@ -147,16 +174,18 @@ def main() -> None:
     _prepare(HERE, base_dir)
     loads_before = tuple(round(x, 2) for x in os.getloadavg())
     sides: dict[str, list[dict]] = {name: [] for name in trees}
+    preflights: dict[str, list[dict]] = {name: [] for name in trees}
     for r in range(args.repeats):
         order = list(trees) if r % 2 == 0 else list(reversed(trees))
         for name in order:
             sides[name].append(_run_child(trees[name], base_dir, args.method))
+            preflights[name].append(_run_child(trees[name], base_dir, args.method, preflight=True))
         print(f"repeat {r}: load {os.getloadavg()[0]:.2f}; total CPU " + ", ".join(
             f"{n} {sum(sides[n][-1]['parts'][p][0] for p in PARTS):.2f}" for n in trees), flush=True)
     firsts = {json.dumps(runs[0]["metrics"], sort_keys=True) for runs in sides.values()}
     if len({json.dumps(r["metrics"], sort_keys=True) for runs in sides.values() for r in runs}) != 1:
         sys.exit(f"the first reports differ: {sorted(firsts)}")
-    report(sides, (loads_before, tuple(round(x, 2) for x in os.getloadavg())))
+    report(sides, preflights, (loads_before, tuple(round(x, 2) for x in os.getloadavg())))
     print(f"first report equal in every run: {next(iter(firsts))}")
 
 
