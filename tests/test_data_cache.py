@@ -115,7 +115,7 @@ def test_a_folder_of_another_recipe_is_not_used(tmp_path):
     assert data_cache.write(tmp_path, spec, load("digits"))
     folder = _only_folder(tmp_path)
     for field, value in (("torch", "0.0.1"), ("scikit-learn", "0.1"), ("cpu", "NO AVX"), ("seed", 1),
-                         ("format", data_cache.FORMAT + 1)):
+                         ("format", data_cache.FORMAT + 1), ("code", "another data.py")):
         other = dict(spec, **{field: value})
         assert data_cache.folder(tmp_path, other) != folder  # another version or recipe: another folder
         assert data_cache.read(tmp_path, other) is None

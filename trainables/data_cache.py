@@ -5,14 +5,16 @@ of CPU in the first trial on every worker, and the driver's preflight paid it ag
 One folder per recipe, ``<root>/digits-<key>/``: ``{train,val,test}_{images,targets}.npy`` (the
 splits' tensors exactly as ``trainables.data`` builds them: normalised ``float32`` images, ``int64``
 labels) and ``recipe.json``. The key hashes the recipe: data set, image size, validation share,
-seed, this module's format, the installed scikit-learn (the images and the seeded split), NumPy
-and torch (resizing and normalisation) versions, and the CPU's vector instruction set torch uses
-(its reductions may sum in another order on another one; the thread count does not change them,
-``tests/test_data_cache.py``), so a node of another kind on a shared folder builds its own. A folder is written into a temporary
-sibling and renamed, so a reader sees a whole one or none; a reader checks the recipe file against
-its own and every array's dtype and shape, and anything that does not match (another version's
-folder, a truncated file) is not used: the data set is then built from scikit-learn as before.
-Nothing here raises: a cache that cannot be read or written only costs the slow path.
+seed, this module's format, a hash of ``trainables/data.py`` itself (a change to how the splits are
+built is a new recipe), the installed scikit-learn (the images and the seeded split), NumPy and
+torch (resizing and normalisation) versions, and the CPU's vector instruction set torch uses (its
+reductions may sum in another order on another one; the thread count does not change them,
+``tests/test_data_cache.py``), so a node of another kind on a shared folder builds its own. A
+folder is written into a temporary sibling and renamed, so a reader sees a whole one or none; a
+reader checks the recipe file against its own and every array's dtype and shape, and anything that
+does not match (another version's folder, a truncated file) is not used: the data set is then
+built from scikit-learn as before. Nothing here raises: a cache that cannot be read or written
+only costs the slow path.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ from .data import DataSplits, TensorImageDataset
 __all__ = ["recipe", "folder", "read", "write", "FORMAT"]
 
 log = logging.getLogger(__name__)
-#: Bump when what a folder holds, or how ``trainables.data`` builds the digits splits, changes.
+#: Bump when what a folder holds changes (how the splits are built is in the key already).
 FORMAT = 1
 RECIPE_FILE = "recipe.json"
 _SPLITS = ("train", "val", "test")
@@ -49,12 +52,23 @@ def _version(dist: str) -> str | None:
         return None
 
 
+@lru_cache(maxsize=1)
+def _source_hash() -> str | None:
+    """A hash of ``trainables/data.py``, what builds the splits."""
+    from . import data
+
+    try:
+        return hashlib.sha256(Path(data.__file__).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
 def recipe(*, image_size: int | None, val_fraction: float, seed: int) -> dict[str, Any]:
-    """Everything the digits splits depend on (``trainables.data.load``'s resolved arguments and
-    the versions of what builds them)."""
+    """Everything the digits splits depend on (``trainables.data.load``'s resolved arguments, its
+    code and the versions of what it runs)."""
     return {"dataset": "digits", "format": FORMAT, "image_size": image_size, "val_fraction": float(val_fraction),
-            "seed": int(seed), "scikit-learn": _version("scikit-learn"), "numpy": np.__version__,
-            "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+            "seed": int(seed), "code": _source_hash(), "scikit-learn": _version("scikit-learn"),
+            "numpy": np.__version__, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
 
 
 def folder(root: str | os.PathLike, spec: dict[str, Any]) -> Path:
