@@ -319,7 +319,7 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
            warm: list, node: _RayNode) -> SweepResult:
     from methods.cost import profile
     from trainables.base_model import build_model
-    from trainables.workspace import load_data
+    from trainables.workspace import keep_data, load_data
 
     from . import model_logs
     from .progress import tune_environment, tune_verbosity
@@ -339,6 +339,7 @@ def _sweep(cfg: SweepConfig, exp_dir: str, client, parent: str, restore: bool, i
         t0 = time.perf_counter()
         base_metrics = _base_model(cfg, settings, client, parent)  # embedded: here, while Ray starts
         data = load_data(settings)
+        keep_data(settings)  # digits as arrays beside the base: no trial's worker imports scikit-learn
         dense = profile(build_model(settings), tuple(data.input_shape))
         timings["base"] = time.perf_counter() - t0
         _import_tune_modules()  # ~1 s of imports, also while Ray starts

@@ -169,3 +169,23 @@ def test_http_server_that_is_not_mlflow_is_one_line_and_exit_2(tmp_path, capsys)
         assert code == 2 and len(err) == 1, err
         assert err[0].startswith(f"prunetune: error: tracking_uri: {uri} ") and expected in err[0], err[0]
         assert not store.exists()  # nothing started, nothing written
+
+
+def test_the_model_checks_run_on_one_torch_thread_and_the_drivers_count_comes_back(monkeypatch):
+    """A few images through a model: the default thread per core only adds spin-waits. The driver's
+    count (its dense base trains with it) is back after preflight, passed or refused."""
+    import search.preflight as pf
+
+    seen = []
+    check_model = pf.check_model
+    monkeypatch.setattr(pf, "check_model", lambda cfg: (seen.append(torch.get_num_threads()), check_model(cfg)))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        preflight(_cfg("methods=[l1_norm]"))
+        assert seen == [1] and torch.get_num_threads() == 3
+        with pytest.raises(ConfigError, match="^model: vgg16_cifar does not run"):
+            preflight(_cfg("model=vgg16_cifar"))
+        assert seen == [1, 1] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)

@@ -56,6 +56,9 @@ def test_base_model_is_trained_once_and_reused(tiny_sweep):
     cfg, result = tiny_sweep
     base_dirs = [p for p in (Path(cfg.storage_path) / "base_models").iterdir() if not p.name.startswith(".")]
     assert len(base_dirs) == 1  # one dense base for all four trials
+    # beside it, the digits splits as arrays (trainables.data_cache): the trials' workers read those
+    data = [p.name for p in (Path(cfg.storage_path) / "base_models" / ".data").iterdir()]
+    assert len(data) == 1 and data[0].startswith("digits-")
     assert result.base_metrics["accuracy"] > 0.5
 
 

@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from methods.errors import ArgumentError, PruneTuneError
 
-__all__ = ["DataError", "DataSplits", "load", "list_datasets", "make_loader"]
+__all__ = ["DataError", "DataSplits", "load", "list_datasets", "default_val_fraction", "make_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,11 @@ class DataSplits:
 def list_datasets() -> list[str]:
     """The names ``load`` accepts, sorted."""
     return list(_DATASETS)
+
+
+def default_val_fraction(name: str) -> float:
+    """The validation share ``load`` takes for data set ``name`` when given ``val_fraction=None``."""
+    return _DEFAULT_VAL_FRACTION[name]
 
 
 def load(
