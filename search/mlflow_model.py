@@ -37,6 +37,25 @@ def pip_requirements() -> list[str]:
 
 
 @contextmanager
+def _no_stack_traces() -> Iterator[None]:
+    """``torch.export`` without the Python stack trace of every graph node (``node.meta
+    ["stack_trace"]``: for debugging a trace, never used to load or run the program): ~15% of a
+    ResNet's tracing CPU and ~6% of its pt2 archive (benchmarks/RESULTS.md). torch's flag is
+    process-wide; in the driver only the model-logging thread traces (``search.model_logs``)."""
+    import torch.fx.config as fx_config
+
+    if not hasattr(fx_config, "do_not_emit_stack_traces"):  # an older torch: always emitted
+        yield
+        return
+    previous = fx_config.do_not_emit_stack_traces
+    fx_config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        fx_config.do_not_emit_stack_traces = previous
+
+
+@contextmanager
 def tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at ``uri`` for the block, then put back what was there."""
     import mlflow
@@ -69,7 +88,7 @@ def log_pt2_model(client: MlflowClient, run_id: str, model, example, metrics: Ma
     import mlflow.pytorch
 
     exp_id = client.get_run(run_id).info.experiment_id
-    with tracking_uri(client.tracking_uri):
+    with tracking_uri(client.tracking_uri), _no_stack_traces():
         t0 = time.perf_counter()
         logged = client.create_logged_model(exp_id, name=name, source_run_id=run_id, params=_model_params(metrics))
         info = mlflow.pytorch.log_model(
