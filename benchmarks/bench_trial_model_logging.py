@@ -33,6 +33,7 @@ by side under the same load:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -157,6 +158,16 @@ def _instrument(totals: dict[str, float]) -> None:
                     stack[-1] += inclusive
         return timed
 
+    gc_start: list[float] = []
+
+    def gc_timer(phase, info):  # the collector's own time, whichever part it interrupted
+        if phase == "start":
+            gc_start[:] = [time.thread_time()]
+        elif gc_start:
+            totals_gc = totals.setdefault("gc", 0.0)
+            totals["gc"] = totals_gc + time.thread_time() - gc_start.pop()
+
+    gc.callbacks.append(gc_timer)
     for path, attr, part in PARTS:
         owner = _resolve(path)
         if hasattr(owner, attr):  # absent in some MLflow/torch releases
@@ -207,7 +218,9 @@ def parts_worker(model_key: str, repeats: int) -> dict:
                                   result)
             total = time.thread_time() - t0
             if i:
-                rows.append({**totals, "rest": total - sum(totals.values()), "total": total})
+                collected = totals.pop("gc", 0.0)  # inside the parts' times already
+                rows.append({**totals, "rest": total - sum(totals.values()), "total": total,
+                             "of which garbage collection": collected})
     return {"rows": rows}
 
 
@@ -223,8 +236,9 @@ def _run_worker(checkout: str | None, model_key: str, repeats: int) -> list[dict
 
 
 def _table(label: str, rows: list[dict]) -> None:
-    keys = sorted({k for r in rows for k in r if k not in ("rest", "total")},
-                  key=lambda k: -statistics.median(r.get(k, 0.0) for r in rows)) + ["rest", "total"]
+    last = ["rest", "total", "of which garbage collection"]
+    keys = sorted({k for r in rows for k in r if k not in last},
+                  key=lambda k: -statistics.median(r.get(k, 0.0) for r in rows)) + last
     print(f"  {label}: CPU s per trial, min / median / max over {len(rows)} trials")
     for k in keys:
         v = [r.get(k, 0.0) for r in rows]

@@ -8,6 +8,7 @@ Used by the driver for every finished trial (so the UI's Register button works o
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -56,6 +57,24 @@ def _no_stack_traces() -> Iterator[None]:
 
 
 @contextmanager
+def _one_young_collection() -> Iterator[None]:
+    """The block runs with Python's cyclic garbage collector off, then one young-generation
+    collection frees its cyclic garbage. torch.export makes hundreds of thousands of objects, many
+    in reference cycles (graph nodes), which set off full collections of the whole heap while it
+    traces: ~25% of a ResNet-56's logging CPU (benchmarks/RESULTS.md). Process-wide, as the
+    collector is; other threads' garbage waits for the block's end too."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect(0)
+
+
+@contextmanager
 def tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at ``uri`` for the block, then put back what was there."""
     import mlflow
@@ -88,7 +107,7 @@ def log_pt2_model(client: MlflowClient, run_id: str, model, example, metrics: Ma
     import mlflow.pytorch
 
     exp_id = client.get_run(run_id).info.experiment_id
-    with tracking_uri(client.tracking_uri), _no_stack_traces():
+    with tracking_uri(client.tracking_uri), _no_stack_traces(), _one_young_collection():
         t0 = time.perf_counter()
         logged = client.create_logged_model(exp_id, name=name, source_run_id=run_id, params=_model_params(metrics))
         info = mlflow.pytorch.log_model(

@@ -76,3 +76,35 @@ def test_the_program_without_stack_traces_is_the_one_torch_exports_with_them(pru
     assert [str(r) for r in program.range_constraints.values()] == [str(r) for r in with_traces.range_constraints.values()]
     y = torch.randn(7, *DIGITS)
     assert torch.equal(program.module()(y), with_traces.module()(y))
+
+
+def _live_graphs() -> int:
+    import gc
+
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.fx.Graph))
+
+
+def test_the_collector_comes_back_on_and_frees_the_exports_graphs(pruned, logged):
+    """The collector is off while a model is logged and one young collection follows: it is back on
+    after each log (and after a failed one), and the exports' graphs are garbage it frees (at most
+    the latest one stays: torch keeps it until the next export)."""
+    import gc
+
+    client, info = logged
+    run_id = client.create_run(client.get_logged_model(info.model_id).experiment_id).info.run_id
+    before = _live_graphs()
+    for _ in range(3):
+        log_pt2_model(client, run_id, pruned, torch.randn(4, *DIGITS).numpy(), validate=False)
+        assert gc.isenabled()
+    gc.collect()
+    assert _live_graphs() <= before + 1
+
+    class Broken(torch.nn.Module):  # runs eagerly (the signature), fails in torch.export
+        def forward(self, x):
+            if torch.compiler.is_exporting():
+                raise RuntimeError("cannot trace")
+            return x
+
+    with pytest.raises(Exception, match="cannot trace"):
+        log_pt2_model(client, run_id, Broken(), torch.randn(4, *DIGITS).numpy(), validate=False)
+    assert gc.isenabled() and fx_config.do_not_emit_stack_traces is False
