@@ -59,10 +59,10 @@ def _no_stack_traces() -> Iterator[None]:
 @contextmanager
 def _one_young_collection() -> Iterator[None]:
     """The block runs with Python's cyclic garbage collector off, then one young-generation
-    collection frees its cyclic garbage. torch.export makes hundreds of thousands of objects, many
-    in reference cycles (graph nodes), which set off full collections of the whole heap while it
-    traces: ~25% of a ResNet-56's logging CPU (benchmarks/RESULTS.md). Process-wide, as the
-    collector is; other threads' garbage waits for the block's end too."""
+    collection frees its cyclic garbage. torch.export leaves tens of thousands of objects behind
+    (~36,000 a ResNet-20), most in reference cycles (graph nodes), and with the collector on they set
+    off full collections of the whole heap: ~25% of a ResNet-56's logging CPU (benchmarks/RESULTS.md).
+    Process-wide, as the collector is; other threads' garbage waits for the block's end too."""
     if not gc.isenabled():
         yield
         return
