@@ -8,6 +8,7 @@ Used by the driver for every finished trial (so the UI's Register button works o
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -34,6 +35,43 @@ def pip_requirements() -> list[str]:
 
     torch_release = torch.__version__.split("+")[0]
     return [f"torch=={torch_release}", f"mlflow=={mlflow.__version__}", f"numpy=={numpy.__version__}"]
+
+
+@contextmanager
+def _no_stack_traces() -> Iterator[None]:
+    """``torch.export`` without the Python stack trace of every graph node (``node.meta
+    ["stack_trace"]``: for debugging a trace, never used to load or run the program): ~15% of a
+    ResNet's tracing CPU and ~6% of its pt2 archive (benchmarks/RESULTS.md). torch's flag is
+    process-wide; in the driver only the model-logging thread traces (``search.model_logs``)."""
+    import torch.fx.config as fx_config
+
+    if not hasattr(fx_config, "do_not_emit_stack_traces"):  # an older torch: always emitted
+        yield
+        return
+    previous = fx_config.do_not_emit_stack_traces
+    fx_config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        fx_config.do_not_emit_stack_traces = previous
+
+
+@contextmanager
+def _one_young_collection() -> Iterator[None]:
+    """The block runs with Python's cyclic garbage collector off, then one young-generation
+    collection frees its cyclic garbage. torch.export leaves tens of thousands of objects behind
+    (~36,000 a ResNet-20), most in reference cycles (graph nodes), and with the collector on they set
+    off full collections of the whole heap: ~25% of a ResNet-56's logging CPU (benchmarks/RESULTS.md).
+    Process-wide, as the collector is; other threads' garbage waits for the block's end too."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect(0)
 
 
 @contextmanager
@@ -69,7 +107,7 @@ def log_pt2_model(client: MlflowClient, run_id: str, model, example, metrics: Ma
     import mlflow.pytorch
 
     exp_id = client.get_run(run_id).info.experiment_id
-    with tracking_uri(client.tracking_uri):
+    with tracking_uri(client.tracking_uri), _no_stack_traces(), _one_young_collection():
         t0 = time.perf_counter()
         logged = client.create_logged_model(exp_id, name=name, source_run_id=run_id, params=_model_params(metrics))
         info = mlflow.pytorch.log_model(
