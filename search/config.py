@@ -46,6 +46,7 @@ __all__ = ["SweepConfig", "TrainConfig", "ResourcesConfig", "EarlyStoppingConfig
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "nsga2", "random")
+TRIAL_MODELS = ("all", "front")
 #: The ``objective`` shorthand (``search.objectives.SHORTHANDS``): ``macs`` (batch 1, counted) is
 #: ``objectives: [accuracy, macs]``; ``latency`` (pruned / dense latency, measured interleaved on the
 #: trial's device at the end of the trial) is ``objectives: [accuracy, latency_ratio]``.
@@ -318,6 +319,9 @@ class SweepConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     max_failures: int = 1
     checkpoint_period_s: float = 10
+    #: Which finished trials get a pt2 MLflow model (the UI's Register button): ``all``, or ``front``:
+    #: those on the front when they finish (a superset of the final front; ``promote`` logs any other).
+    trial_models: str = "all"
     latency_batch_size: int = 1
     download: bool = False
     calibration_batches: int = 4
@@ -363,6 +367,8 @@ class SweepConfig:
                                              ResourcesConfig()))
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler: unknown sampler {self.sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+        if self.trial_models not in TRIAL_MODELS:
+            raise ConfigError(f"trial_models: unknown value {self.trial_models!r}; valid: {', '.join(TRIAL_MODELS)}")
         shorthand, names = _checked_objectives(self.objective, self.objectives)
         set_("objective", shorthand)
         set_("objectives", names)

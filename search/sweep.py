@@ -454,7 +454,8 @@ def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             # 3: a periodic checkpoint and the final one never force a snapshot (search.progress)
             checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
-            callbacks=[MLflowTrialLogger(cfg.tracking_uri, parent, example), *callbacks], verbose=tune_verbosity()),
+            callbacks=[MLflowTrialLogger(cfg.tracking_uri, parent, example, cfg.trial_models, cfg.objectives,
+                                         cfg.constraints), *callbacks], verbose=tune_verbosity()),
     )
 
 

@@ -178,6 +178,7 @@ BAD = [
     ({"resources_per_trial": {"gpus": 1}}, ["resources_per_trial: unknown key 'gpus'", "did you mean 'gpu'"]),
     ({"resources_per_trial": 4}, ["resources_per_trial: must be a mapping, got 4"]),
     ({"sampler": "cmaes"}, ["sampler: unknown sampler 'cmaes'", "tpe, nsga2, random"]),
+    ({"trial_models": "best"}, ["trial_models: unknown value 'best'", "all, front"]),
     ({"seed": -1}, ["seed:", "-1"]),
     ({"seed": "abc"}, ["seed:", "'abc'"]),
     ({"base": {"epochs": -1}}, ["base.epochs: must be an integer >= 0, got -1"]),

@@ -119,3 +119,35 @@ def test_a_model_the_driver_did_not_log_before_it_died_is_logged_on_resume(tmp_p
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.end_time == end and MODEL_PENDING_TAG not in run.data.tags
     assert {a.path for a in client.list_artifacts(run_id, "model")} >= {"model/weights.pt", "model/spec.json"}
+
+
+def test_trial_models_front_exports_the_trials_on_the_front_when_they_finish(tmp_path):
+    """``trial_models: front``: a trial gets a pt2 model when no earlier finished (feasible) trial
+    dominates it; a dominated one (and one outside the budget) gets its weights and spec only.
+    Finishing order: a (0.90 @ 2e5), b (0.80 @ 3e5: dominated by a), c (0.95 @ 1e5: dominates a, but
+    a was on the front when it finished), d (0.99 @ 4e5: outside max_macs)."""
+    from search.constraints import ConstraintsConfig
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = open_parent_run(client, "front", None, {}, {})
+    logger = MLflowTrialLogger(client.tracking_uri, parent, example=torch.zeros(4, 1, 8, 8).numpy(), models="front",
+                               constraints=ConstraintsConfig(max_macs=3.5e5))
+    results = {"a": (0.90, 2e5), "b": (0.80, 3e5), "c": (0.95, 1e5), "d": (0.99, 4e5)}
+    trials = {tid: _trial(tid, tmp_path, final=True) for tid in results}
+    logger.on_step_begin(iteration=0, trials=[])
+    for tid, t in trials.items():
+        t.last_result.update(accuracy=results[tid][0], macs=results[tid][1])
+        logger.on_trial_start(iteration=0, trials=[], trial=t)
+    for t in trials.values():
+        logger.on_trial_complete(iteration=0, trials=[], trial=t)
+    logger.on_experiment_end(trials=list(trials.values()))
+    runs = {r.data.tags[TRIAL_TAG]: r.info.run_id for r in child_runs(client, parent)}
+    exported = {tid for tid in results if trial_model_id(client, runs[tid]) is not None}
+    assert exported == {"a", "c"}
+    for tid in results:  # promote can still rebuild and log any of them
+        assert {a.path for a in client.list_artifacts(runs[tid], "model")} >= {"model/weights.pt", "model/spec.json"}
+        assert MODEL_PENDING_TAG not in client.get_run(runs[tid]).data.tags
+    restored = MLflowTrialLogger.__new__(MLflowTrialLogger)
+    restored.__setstate__(logger.__getstate__())  # Tune pickles its callbacks: the choice survives
+    assert (restored.models, restored.objectives, restored.constraints) == ("front", ("accuracy", "macs"),
+                                                                            ConstraintsConfig(max_macs=3.5e5))
