@@ -84,6 +84,9 @@ def read(root: str | os.PathLike, spec: dict[str, Any]) -> DataSplits | None:
             log.info("data cache %s holds another recipe; not used", target)
             return None
         splits = {name: _split(target, name) for name in _SPLITS}
+        if any(split is None for split in splits.values()):
+            log.info("data cache %s not used: arrays of another dtype or shape", target)
+            return None
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:  # a truncated or foreign file: np.load and json raise ValueError
@@ -96,11 +99,12 @@ def read(root: str | os.PathLike, spec: dict[str, Any]) -> DataSplits | None:
     return DataSplits(**splits, num_classes=_NUM_CLASSES, input_shape=shapes.pop(), name="digits")
 
 
-def _split(target: Path, name: str) -> TensorImageDataset:
+def _split(target: Path, name: str) -> TensorImageDataset | None:
+    """One split's arrays, or None where their dtype or shape is not what ``write`` saves."""
     images = np.load(target / f"{name}_images.npy", allow_pickle=False)
     targets = np.load(target / f"{name}_targets.npy", allow_pickle=False)
     if images.dtype != np.float32 or images.ndim != 4 or targets.dtype != np.int64 or targets.shape != images.shape[:1]:
-        raise ValueError(f"{name}: images {images.dtype}{images.shape}, targets {targets.dtype}{targets.shape}")
+        return None
     return TensorImageDataset(torch.from_numpy(images), torch.from_numpy(targets))
 
 
