@@ -44,7 +44,8 @@ def _errors(stderr: str) -> list[str]:
 
 
 def _sweep_args(*overrides: str) -> list[str]:
-    # Every trial runs its whole budget and checkpoints every epoch (so Tune's state shows it running).
+    # Every trial runs its whole budget and checkpoints every epoch, so Tune's state shows it running:
+    # a snapshot is forced by every 3rd checkpoint (num_to_keep=3), so a trial needs > 3 epochs.
     overrides = ("early_stopping.type=none", "checkpoint_period_s=0") + overrides
     return ["run", str(QUICKSTART)] + [a for o in overrides for a in ("--set", o)]
 
@@ -251,7 +252,7 @@ def test_sigint_then_resume_promote_and_fronts_from_another_directory(ray_local,
 @pytest.mark.timeout(600)
 def test_sigterm_then_resume_finishes(ray_local, tmp_path, capfd):
     mark = uuid.uuid4().hex
-    args = _sweep_args("methods=[random]", "num_trials=1", "base.epochs=1", "finetune.epochs=3", "name=term",
+    args = _sweep_args("methods=[random]", "num_trials=1", "base.epochs=1", "finetune.epochs=5", "name=term",
                        f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"storage_path={tmp_path}/ray")
     with open(tmp_path / "run.log", "w") as log:
         driver = subprocess.Popen(prunetune_cli() + args, cwd=tmp_path, env=_env(mark), stdout=log,
@@ -272,7 +273,7 @@ def test_sigterm_then_resume_finishes(ray_local, tmp_path, capfd):
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
     (child,) = child_runs(client, state["parent_run_id"])
     assert child.info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "accuracy")) == [1, 2, 3]
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "accuracy")) == [1, 2, 3, 4, 5]
 
 
 # ---- 4. bad input that used to pass preflight ---------------------------------------------------------------
