@@ -28,9 +28,10 @@ from .cost import module_macs
 from .errors import ConfigError
 from .graph import ChannelGroup, DependencyGraph
 
-__all__ = ["MacsModel", "Allocation", "allocate", "keep_top", "round_width", "ALLOCATIONS"]
+__all__ = ["MacsModel", "Allocation", "allocate", "keep_top", "round_width", "residual_coupled", "residual_last",
+           "ALLOCATIONS"]
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "internal_first")
 
 
 class MacsModel:
@@ -45,6 +46,8 @@ class MacsModel:
     def __init__(self, model: nn.Module, graph: DependencyGraph, groups: Sequence[ChannelGroup],
                  input_shape: Sequence[int]):
         self.sizes = [g.size for g in groups]
+        #: Per group: residual-coupled (:func:`residual_coupled`)?
+        self.coupled = [residual_coupled(g) for g in groups]
         per_module, self.total = module_macs(model, input_shape)
         reads: dict[str, int] = {}
         writes: dict[str, int] = {}
@@ -113,10 +116,11 @@ def allocate(macs_model: MacsModel, scores: Sequence[torch.Tensor] | None, targe
     reference = float(reference or macs_model.total)
     sizes = macs_model.sizes
     total = sum(sizes)
-    if allocation == "global":
+    if allocation != "uniform":
         if scores is None:
-            raise ConfigError("allocation 'global' needs channel scores")
-        widths_at = _global_widths(scores, sizes, normalise)
+            raise ConfigError(f"allocation {allocation!r} needs channel scores")
+        widths_at = _global_widths(scores, sizes, normalise,
+                                   macs_model.coupled if allocation == "internal_first" else None)
     else:
         def widths_at(n: int) -> list[int]:
             return [int(round(s * (1.0 - n / total))) for s in sizes]
@@ -146,14 +150,18 @@ def allocate(macs_model: MacsModel, scores: Sequence[torch.Tensor] | None, targe
     return Allocation(kept_at(best), best_reduction, best, evaluations)
 
 
-def _global_widths(scores: Sequence[torch.Tensor], sizes: Sequence[int], normalise: bool) -> Callable[[int], list[int]]:
+def _global_widths(scores: Sequence[torch.Tensor], sizes: Sequence[int], normalise: bool,
+                   coupled: Sequence[bool] | None = None) -> Callable[[int], list[int]]:
     """``n -> widths`` when the ``n`` lowest-scored channels of all groups are removed (scores
-    normalised per group by their mean; ties broken by position)."""
+    normalised per group by their mean; ties broken by position); with ``coupled``, in
+    :func:`residual_last`'s order."""
     normalised = []
     for s in scores:
         s = s.detach().double().flatten().cpu()
         mean = float(s.abs().mean())
         normalised.append(s / mean if normalise and mean > 0 else s)
+    if coupled is not None:
+        normalised = residual_last(normalised, coupled)
     flat = torch.cat(normalised)
     owner = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
     order = owner[flat.argsort(stable=True)]  # group of each channel, from least to most important
@@ -163,6 +171,33 @@ def _global_widths(scores: Sequence[torch.Tensor], sizes: Sequence[int], normali
         return [s - int(r) for s, r in zip(sizes, removed.tolist())]
 
     return widths
+
+
+def residual_coupled(group: ChannelGroup) -> bool:
+    """True for a group several producers write into (stem, block outputs and shortcuts summed by
+    residual adds): removing one of its channels narrows the residual stream itself."""
+    return len(group.producers) > 1
+
+
+def residual_last(scores: Sequence[torch.Tensor], coupled: Sequence[bool], *,
+                  first: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Scores (float64, lowest removed first) that rank every channel of the groups not ``coupled``
+    by its own score, then every channel of the ``coupled`` groups, ranked within its group by score
+    and across those groups by the fraction of the group below it, so they lose channels at one
+    rate; channels marked in ``first`` (boolean masks) precede everything (-1). The first channels
+    are the plain ranking's as long as no coupled channel is reached."""
+    top = 1.0 + max((float(s.max()) for s in scores if s.numel()), default=0.0)
+    out = []
+    for i, (s, is_coupled) in enumerate(zip(scores, coupled)):
+        s = s.detach().double().flatten().cpu()
+        if is_coupled:
+            rank = torch.empty(s.numel(), dtype=torch.float64)
+            rank[s.argsort(stable=True)] = torch.arange(s.numel(), dtype=torch.float64)
+            s = top + (rank + 1.0) / s.numel()
+        if first is not None:
+            s = torch.where(first[i].flatten().cpu(), torch.full_like(s, -1.0), s)
+        out.append(s)
+    return out
 
 
 def keep_top(scores: torch.Tensor, kept: int) -> torch.Tensor:
