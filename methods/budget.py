@@ -31,7 +31,7 @@ from .graph import ChannelGroup, DependencyGraph
 __all__ = ["MacsModel", "Allocation", "allocate", "keep_top", "round_width", "residual_coupled", "residual_last",
            "ALLOCATIONS"]
 
-ALLOCATIONS = ("uniform", "global", "internal_first")
+ALLOCATIONS = ("uniform", "global")
 
 
 class MacsModel:
@@ -101,13 +101,15 @@ class Allocation:
 
 def allocate(macs_model: MacsModel, scores: Sequence[torch.Tensor] | None, target: float, *,
              reference: float | None = None, allocation: str = "uniform", round_to: int = 1,
-             min_channels: int = 1, normalise: bool = True) -> Allocation:
+             min_channels: int = 1, normalise: bool = True, residual_last: bool = True) -> Allocation:
     """Widths per group whose MACs reduction against ``reference`` (default: the model's own MACs)
     is as close to ``target`` as the allocation rule allows.
 
     The rule is a function of one integer ``n`` in ``[0, N]`` (N = all channels of the groups):
     ``global`` removes the ``n`` lowest-scored channels over all groups (``scores``, one tensor per
-    group, divided by their group's mean unless ``normalise`` is False); ``uniform`` removes the
+    group, divided by their group's mean unless ``normalise`` is False), the residual-coupled groups'
+    live channels last, at one rate (:func:`residual_last`; ``residual_last=False`` ranks the scores
+    as given, for a caller that ordered them itself, as ISTA's cut does); ``uniform`` removes the
     fraction ``n / N`` of every group. The reduction never decreases with ``n``, so the smallest
     ``n`` reaching the target is found in ceil(log2(N + 1)) evaluations; it and ``n - 1`` are
     compared and the closer one is returned."""
@@ -116,11 +118,10 @@ def allocate(macs_model: MacsModel, scores: Sequence[torch.Tensor] | None, targe
     reference = float(reference or macs_model.total)
     sizes = macs_model.sizes
     total = sum(sizes)
-    if allocation != "uniform":
+    if allocation == "global":
         if scores is None:
-            raise ConfigError(f"allocation {allocation!r} needs channel scores")
-        widths_at = _global_widths(scores, sizes, normalise,
-                                   macs_model.coupled if allocation == "internal_first" else None)
+            raise ConfigError("allocation 'global' needs channel scores")
+        widths_at = _global_widths(scores, sizes, normalise, macs_model.coupled if residual_last else None)
     else:
         def widths_at(n: int) -> list[int]:
             return [int(round(s * (1.0 - n / total))) for s in sizes]
@@ -154,14 +155,15 @@ def _global_widths(scores: Sequence[torch.Tensor], sizes: Sequence[int], normali
                    coupled: Sequence[bool] | None = None) -> Callable[[int], list[int]]:
     """``n -> widths`` when the ``n`` lowest-scored channels of all groups are removed (scores
     normalised per group by their mean; ties broken by position); with ``coupled``, in
-    :func:`residual_last`'s order."""
+    :func:`residual_last`'s order, channels scored exactly 0 (dead by the method's own measure,
+    the first ones the plain ranking removes) first."""
     normalised = []
     for s in scores:
         s = s.detach().double().flatten().cpu()
         mean = float(s.abs().mean())
         normalised.append(s / mean if normalise and mean > 0 else s)
     if coupled is not None:
-        normalised = residual_last(normalised, coupled)
+        normalised = residual_last(normalised, coupled, first=[s == 0 for s in normalised])
     flat = torch.cat(normalised)
     owner = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
     order = owner[flat.argsort(stable=True)]  # group of each channel, from least to most important

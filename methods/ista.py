@@ -512,7 +512,7 @@ class ISTA(PruningMethod):
             return zero_only
         scores = self._order(groups, removable, norms)
         plan = allocate(macs, scores, target, reference=reference, allocation="global", round_to=round_to,
-                        min_channels=floor, normalise=False)
+                        min_channels=floor, normalise=False, residual_last=False)  # already in that order
         log.info("ista: the phase zeroed channels worth %.4f of the MACs (target %.4f); removing the smallest "
                  "|gamma| too: MACs reduction %.4f", reached, target, plan.reduction)
         return plan.kept
