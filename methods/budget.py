@@ -121,7 +121,8 @@ def allocate(macs_model: MacsModel, scores: Sequence[torch.Tensor] | None, targe
     if allocation == "global":
         if scores is None:
             raise ConfigError("allocation 'global' needs channel scores")
-        widths_at = _global_widths(scores, sizes, normalise, macs_model.coupled if residual_last else None)
+        coupled = getattr(macs_model, "coupled", None) if residual_last else None  # None: a bare MACs model
+        widths_at = _global_widths(scores, sizes, normalise, coupled)
     else:
         def widths_at(n: int) -> list[int]:
             return [int(round(s * (1.0 - n / total))) for s in sizes]
