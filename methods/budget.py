@@ -26,7 +26,6 @@ parameter, so the target is found in about log2(channels) MACs evaluations.
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -42,8 +41,6 @@ __all__ = ["MacsModel", "Allocation", "allocate", "keep_top", "round_width", "re
            "ALLOCATIONS"]
 
 ALLOCATIONS = ("uniform", "global")
-
-log = logging.getLogger(__name__)
 
 
 class MacsModel:
@@ -119,53 +116,26 @@ def allocate(macs_model: MacsModel, scores: Sequence[torch.Tensor] | None, targe
 
     The rule is a function of one integer ``n`` in ``[0, N]`` (N = all channels of the groups):
     ``global`` removes the ``n`` lowest-scored channels over all groups (``scores``, one tensor per
-    group, divided by their group's mean unless ``normalise`` is False); ``uniform`` removes the
+    group, divided by their group's mean unless ``normalise`` is False), the residual-coupled groups'
+    live channels last, at one rate (:func:`residual_last`; ``residual_last=False`` ranks the scores
+    as given, for a caller that ordered them itself, as ISTA's cut does); ``uniform`` removes the
     fraction ``n / N`` of every group. The reduction never decreases with ``n``, so the smallest
     ``n`` reaching the target is found in ceil(log2(N + 1)) evaluations; it and ``n - 1`` are
-    compared and the closer one is returned.
-
-    ``global`` guards the residual stream: where that ranking leaves a residual-coupled group
-    narrower than ``uniform`` would at the same target, the widths are those of
-    :func:`residual_last`'s order instead (residual-coupled groups last, at one rate); elsewhere
-    they are the plain ranking's, exactly (up to three bisections). ``residual_last=False`` ranks
-    the scores as given, for a caller that ordered them itself, as ISTA's cut does."""
+    compared and the closer one is returned."""
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"allocation: expected one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     reference = float(reference or macs_model.total)
     sizes = macs_model.sizes
     total = sum(sizes)
+    if allocation == "global":
+        if scores is None:
+            raise ConfigError("allocation 'global' needs channel scores")
+        coupled = getattr(macs_model, "coupled", None) if residual_last else None  # None: a bare MACs model
+        widths_at = _global_widths(scores, sizes, normalise, coupled)
+    else:
+        def widths_at(n: int) -> list[int]:
+            return [int(round(s * (1.0 - n / total))) for s in sizes]
 
-    def bisect(widths_at: Callable[[int], list[int]]) -> Allocation:
-        return _bisect(macs_model, widths_at, total, target, reference, round_to, min_channels)
-
-    def uniform_at(n: int) -> list[int]:
-        return [int(round(s * (1.0 - n / total))) for s in sizes]
-
-    if allocation == "uniform":
-        return bisect(uniform_at)
-    if scores is None:
-        raise ConfigError("allocation 'global' needs channel scores")
-    plain = bisect(_global_widths(scores, sizes, normalise))
-    coupled = getattr(macs_model, "coupled", None) if residual_last else None  # None: a bare MACs model
-    if not coupled or not any(coupled):
-        return plain
-    uniform = bisect(uniform_at)
-    starved = [i for i, c in enumerate(coupled) if c and plain.kept[i] < uniform.kept[i]]
-    if not starved:
-        plain.evaluations += uniform.evaluations
-        return plain
-    guarded = bisect(_global_widths(scores, sizes, normalise, coupled))
-    log.info("global: the plain ranking keeps %s of residual-coupled groups %s (uniform: %s); cutting "
-             "residual-coupled groups last instead: %s", [plain.kept[i] for i in starved], starved,
-             [uniform.kept[i] for i in starved], [guarded.kept[i] for i in starved])
-    guarded.evaluations += plain.evaluations + uniform.evaluations
-    return guarded
-
-
-def _bisect(macs_model: MacsModel, widths_at: Callable[[int], list[int]], total: int, target: float,
-            reference: float, round_to: int, min_channels: int) -> Allocation:
-    """The ``n`` in ``[0, total]`` whose rounded widths ``widths_at(n)`` come closest to ``target``."""
-    sizes = macs_model.sizes
     evaluations = 0
 
     def reduction(n: int) -> float:
