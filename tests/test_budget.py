@@ -73,8 +73,8 @@ def test_plain_global_ranking_removes_the_lowest_normalised_scores(resnet56):
 def test_global_ranking_cuts_residual_groups_last_at_one_rate(target):
     """``allocation: global`` ranks the block-internal groups' channels by normalised score; the
     residual-coupled groups lose channels only once every internal group is at its floor, and then
-    at one common share of their width (l1_norm's plain ranking took the classifier's residual group to
-    1 channel at 97% on the quickstart and accuracy to 0.18-0.38); the target is met."""
+    at one common share of their width (l1_norm's plain ranking took the classifier's residual
+    group to 1 channel at 97% on the quickstart and accuracy to 0.18-0.38); the target is met."""
     torch.manual_seed(0)
     model = randomise_bn(create_model("resnet20", 10, in_channels=1)).eval()
     graph = DependencyGraph(model)
