@@ -16,8 +16,8 @@ over one integer, exactly (``MacsModel`` computes the MACs of any width assignme
   first. The plain ranking cut the residual stream unevenly at 95-97% removed (at 97%, residual
   widths of 16/32/64: l1_norm 3/5/1, slimming 16/8/14; this order: 12/23/45, every internal group
   at 1). On the quickstart (ResNet-20 on 8x8 digits, 4-8 seeds, median val accuracy, plain ->
-  residual last; benchmarks/RESULTS.md): l1_norm 0.95: 0.590 -> 0.938, 0.97: 0.325 -> 0.899;
-  slimming 0.97: 0.475 -> 0.865; random 0.97: 0.678 -> 0.844; thinet 0.97: 0.877 -> 0.962. At
+  residual last; benchmarks/RESULTS.md): l1_norm 0.95: 0.655 -> 0.933, 0.97: 0.330 -> 0.899;
+  slimming 0.97: 0.475 -> 0.865; random 0.97: 0.720 -> 0.847; thinet 0.97: 0.877 -> 0.962. At
   50-90% it is better for l1_norm and random, the same widths for slimming (the rule does not
   bind), and medians within 0.01 (1-3 of ~360 validation images) for thinet and scratch.
 
