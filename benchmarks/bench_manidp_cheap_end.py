@@ -40,6 +40,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     import methods
+    from methods.registry import get_method_class
     from search.config import load_config
     from search.sweep import settings_from_config
     from trainables.base_model import ensure_base_model
@@ -47,6 +48,8 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     extra = dict(_parse(kv) for kv in args.hparam)
+    if any(hp.name == "phase_epochs" for hp in get_method_class(args.method).hyperparameters):
+        extra = {"phase_epochs": args.phase_epochs, **extra}  # methods without a phase (l1_norm) refuse it
     print(f"code: {Path(methods.__file__).parent.parent}")
     rows = []
     for seed in args.seeds:
@@ -55,7 +58,7 @@ def main() -> None:
         ensure_base_model(settings)
         for ratio in args.ratios:
             t0 = time.perf_counter()
-            m = run_trial(settings, args.method, {"prune_ratio": ratio, "phase_epochs": args.phase_epochs, **extra},
+            m = run_trial(settings, args.method, {"prune_ratio": ratio, **extra},
                           lambda metrics, save: None)
             rows.append((seed, ratio, m["accuracy"], 1.0 - m["macs_reduction"], time.perf_counter() - t0))
             print(f"seed {seed} prune_ratio {ratio:.2f}: val accuracy {m['accuracy']:.3f} at "

@@ -36,7 +36,8 @@ SCOPE = Hyperparameter("scope", "internal", choices=("internal", "all"), kind="c
                        doc="internal: block-internal channels only; all: residual-coupled groups too")
 #: How the MACs target is spread over the groups (``methods.budget``).
 ALLOCATION = Hyperparameter("allocation", "uniform", choices=("uniform", "global"), kind="categorical",
-                            doc="uniform: one ratio per group; global: one ranking over all groups")
+                            doc="uniform: one ratio per group; global: one ranking over all groups, "
+                                "residual-coupled groups last at one rate")
 #: Every pruned width a multiple of this (CPU/GPU convolution kernels pad channels to 8 or 16).
 ROUND_TO = Hyperparameter("round_to", 1, choices=(1, 2, 4, 8, 16), kind="categorical",
                           doc="keep every pruned width a multiple of this")

@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .base import PHASE_EPOCHS, PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod
-from .budget import MacsModel, allocate, keep_top, round_width
+from .budget import MacsModel, allocate, keep_top, residual_coupled, residual_last, round_width
 from .graph import DependencyGraph
 from .hyperparameters import Hyperparameter
 from .layers import ChannelPadShortcut
@@ -512,32 +512,21 @@ class ISTA(PruningMethod):
             return zero_only
         scores = self._order(groups, removable, norms)
         plan = allocate(macs, scores, target, reference=reference, allocation="global", round_to=round_to,
-                        min_channels=floor, normalise=False)
+                        min_channels=floor, normalise=False, residual_last=False)  # already in that order
         log.info("ista: the phase zeroed channels worth %.4f of the MACs (target %.4f); removing the smallest "
                  "|gamma| too: MACs reduction %.4f", reached, target, plan.reduction)
         return plan.kept
 
 
 def _cut_order(groups: list, removable: list[torch.Tensor], norms: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Scores for the cut's bisection (lowest removed first): every exactly-removable channel (-1);
-    then the live channels of the block-internal groups (the paper's scope) by |gamma| norm; then,
-    beyond the paper, the live channels of the residual-coupled groups (``scope: all``; more than
-    one producer), ranked within each group by |gamma| norm and across groups by the fraction of
-    the group they are, so those groups lose channels at one rate. Where the cut removes no live
-    residual channel this is the plain |gamma| ranking, exactly (the order of its first channels is
-    the same). Measured on the quickstart (module docstring): the plain ranking cut the last stage's
-    residual group to 1-2 channels at 97% removed, and accuracy to ~0.2."""
-    top = 1.0 + max((float(n.max()) for n in norms if n.numel()), default=0.0)
-    scores = []
-    for group, ok, norm in zip(groups, removable, norms):
-        if len(group.producers) > 1:
-            rank = torch.empty(norm.numel(), dtype=torch.float64)
-            rank[norm.double().argsort(stable=True)] = torch.arange(norm.numel(), dtype=torch.float64)
-            live = top + (rank + 1.0) / norm.numel()
-        else:
-            live = norm.double()
-        scores.append(torch.where(ok, torch.full_like(live, -1.0), live))
-    return scores
+    """Scores for the cut's bisection (lowest removed first), :func:`methods.budget.residual_last`'s
+    order: every exactly-removable channel; then the live channels of the block-internal groups (the
+    paper's scope) by |gamma| norm; then, beyond the paper, the live channels of the residual-coupled
+    groups (``scope: all``) at one rate across those groups. Where the cut removes no live residual
+    channel this is the plain |gamma| ranking, exactly. Measured on the quickstart (module
+    docstring): the plain ranking cut the last stage's residual group to 1-2 channels at 97%
+    removed, and accuracy to ~0.2."""
+    return residual_last(norms, [residual_coupled(g) for g in groups], first=removable)
 
 
 def _homogeneous_path(graph: DependencyGraph, bn: str, consumers: list[str]) -> bool:

@@ -134,7 +134,9 @@ def _method(model, batches, hparams, seed, monkeypatch, recover_after_last=False
     return cuts, snapshots, pruned
 
 
-CASES = [("internal", "uniform", 0.5), ("internal", "global", 0.4), ("all", "uniform", 0.7), ("all", "global", 0.8)]
+# scope all + global at 0.95: the global ranking cuts residual-coupled groups only once every
+# internal group is at its floor (methods.budget.residual_last), so 0.8 no longer reaches them.
+CASES = [("internal", "uniform", 0.5), ("internal", "global", 0.4), ("all", "uniform", 0.7), ("all", "global", 0.95)]
 
 
 @pytest.mark.parametrize("scope,allocation,ratio", CASES)
