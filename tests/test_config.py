@@ -349,7 +349,7 @@ def test_entries_for_unselected_methods_are_ignored_so_methods_can_be_overridden
     space = cfg.search_space()
     assert sorted(space) == ["l1_norm", "random"]
     assert (space["l1_norm"]["prune_ratio"].low, space["l1_norm"]["prune_ratio"].high) == (0.5, 0.98)
-    assert space["l1_norm"]["scope"].choices == ("all",) and space["random"]["allocation"].choices == ("uniform", "global")
+    assert space["l1_norm"]["scope"].choices == ("all",) and space["random"]["allocation"].choices == ("global",)
 
 
 def test_bad_objective_is_one_exact_line(tmp_path):

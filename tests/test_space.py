@@ -17,10 +17,11 @@ def test_quickstart_shares_the_front_axis_and_keeps_method_specific_names():
     space = _space()
     shared = shared_names(space)
     # every method declares prune_ratio with the quickstart's one range
-    assert "prune_ratio" in shared and "allocation" in shared and "phase_epochs" in shared
-    assert "scope" not in shared  # fixed to `all` by the quickstart: a constant, not a parameter
+    assert "prune_ratio" in shared and "phase_epochs" in shared
+    assert "scope" not in shared and "allocation" not in shared  # fixed by the quickstart: constants, not parameters
     keys = make_space(space).distributions("thinet")
-    assert {"method", "prune_ratio", "allocation", "thinet.samples_per_layer", "thinet.finetune_steps"} <= set(keys)
+    assert {"method", "prune_ratio", "thinet.samples_per_layer", "thinet.finetune_steps"} <= set(keys)
+    assert "allocation" in shared_names(_space("space.allocation=[uniform, global]"))
     assert "thinet.prune_ratio" not in keys
 
 
@@ -36,7 +37,7 @@ def test_trials_of_every_method_sample_one_prune_ratio_and_the_config_names_it_p
     space = make_space(_space("methods=[l1_norm, thinet, slimming]"))
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
     methods = set()
-    for _ in range(12):
+    for _ in range(24):
         trial = study.ask()
         constants = space(trial)
         config = {**trial.params, **constants}  # what Ray's OptunaSearch hands the trial
@@ -47,4 +48,4 @@ def test_trials_of_every_method_sample_one_prune_ratio_and_the_config_names_it_p
         study.tell(trial, [0.9, 1.0 - hparams["prune_ratio"]])
     assert methods == {"l1_norm", "thinet", "slimming"}
     # Optuna sees one parameter across methods: its history spans every trial
-    assert sum("prune_ratio" in t.params for t in study.trials) == 12
+    assert sum("prune_ratio" in t.params for t in study.trials) == 24
