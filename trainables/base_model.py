@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -90,15 +89,12 @@ def ensure_base_model(settings: TrialSettings) -> tuple[str, dict]:
     spec = model_spec(model, settings.model, data.num_classes, in_channels=data.input_shape[0], **settings.model_kwargs)
     local = storage.local_path(target)
     if local is not None:
-        # Write into a temporary sibling and rename, so a concurrent reader never sees half a model.
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=local.parent))
-        save_model(model.cpu(), tmp, spec)
-        (tmp / METRICS).write_text(json.dumps(metrics, indent=1))
-        try:
-            os.rename(tmp, local)
-        except OSError:  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+        def fill(folder: Path) -> None:
+            save_model(model.cpu(), folder, spec)
+            (folder / METRICS).write_text(json.dumps(metrics, indent=1))
+
+        storage.publish_dir(local, fill)  # a concurrent reader never sees half a model; if another
+        # process published first, theirs is kept
     else:
         with tempfile.TemporaryDirectory(prefix="prunetune-base-") as tmp:
             save_model(model.cpu(), tmp, spec)
@@ -130,15 +126,7 @@ def fetch_base_model(settings: TrialSettings, cache_root: str | os.PathLike | No
     cache = Path(cache_root or tempfile.gettempdir()) / CACHE_DIR / f"{settings.base_key()}-{version}"
     if (cache / METRICS).is_file():
         return cache
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
-    try:
-        storage.download_dir(target, tmp / "model")
-        try:
-            os.rename(tmp / "model", cache)
-        except OSError:  # another trial on this node fetched it first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    storage.publish_dir(cache, lambda folder: storage.download_dir(target, folder))  # False: another
+    # trial on this node fetched it first
     log.info("fetched dense base model %s -> %s", target, cache)
     return cache

@@ -22,8 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import storage
 from .data import DataSplits, TensorImageDataset
 
 __all__ = ["recipe", "folder", "read", "write", "FORMAT"]
@@ -114,23 +113,20 @@ def write(root: str | os.PathLike, spec: dict[str, Any], splits: DataSplits) -> 
     target = folder(root, spec)
     if (target / RECIPE_FILE).is_file():
         return True
-    tmp = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    def fill(folder: Path) -> None:
         for name in _SPLITS:
             split = getattr(splits, name)
-            np.save(tmp / f"{name}_images.npy", split.images.numpy(), allow_pickle=False)
-            np.save(tmp / f"{name}_targets.npy", split.targets.numpy(), allow_pickle=False)
-        (tmp / RECIPE_FILE).write_text(json.dumps(spec, sort_keys=True))
-        os.rename(tmp, target)
-        tmp = None
-    except OSError as exc:  # a folder that cannot be written, or another process renamed its copy first
-        if not (target / RECIPE_FILE).is_file():
-            log.info("data cache %s not written: %s", target, exc)
-            return False
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            np.save(folder / f"{name}_images.npy", split.images.numpy(), allow_pickle=False)
+            np.save(folder / f"{name}_targets.npy", split.targets.numpy(), allow_pickle=False)
+        (folder / RECIPE_FILE).write_text(json.dumps(spec, sort_keys=True))
+
+    reason = None
+    try:
+        storage.publish_dir(target, fill)  # False: another process renamed its copy first
+    except OSError as exc:  # a folder that cannot be written
+        reason = exc
+    if not (target / RECIPE_FILE).is_file():  # neither ours nor another process's
+        log.info("data cache %s not written%s", target, f": {reason}" if reason else "")
+        return False
     log.debug("data cache %s written", target)
     return True

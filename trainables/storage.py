@@ -14,7 +14,9 @@ import functools
 import os
 import posixpath
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
@@ -22,7 +24,7 @@ import pyarrow.fs as pafs
 from methods.errors import MissingFileError
 
 __all__ = ["is_uri", "resolve", "local_path", "join", "name", "exists", "is_file", "read_text", "write_text",
-           "upload_dir", "download_dir", "delete", "forwarded_env", "FORWARDED_ENV"]
+           "upload_dir", "download_dir", "delete", "publish_dir", "forwarded_env", "FORWARDED_ENV"]
 
 #: What Ray Tune copies from the driver's environment into every trial actor (ray.tune.execution.class_cache).
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
@@ -138,6 +140,26 @@ def delete(location: str | os.PathLike) -> None:
         fs.delete_dir(path)
     elif kind == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def publish_dir(target: Path, fill: Callable[[Path], None]) -> bool:
+    """Fill a new temporary sibling of local folder ``target`` (``fill(folder)``) and rename it to
+    ``target``, so a concurrent reader sees a whole folder or none. False when the rename fails
+    (another process published ``target`` first: theirs is kept). The sibling is named ``.tmp-*``
+    (listings skip dot-names) and never outlives the call; ``fill``'s errors propagate."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp: Path | None = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            return False
+        tmp = None
+        return True
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def forwarded_env() -> dict[str, str]:
