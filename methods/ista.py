@@ -48,7 +48,7 @@ command in benchmarks/RESULTS.md). A short phase zeroes channels worth ~45% of t
 and the trials to 0.19-0.22 accuracy (0.71-0.95 at 95%). Hence:
 
 * the cut removes the residual-coupled groups' live channels only after every block-internal
-  group is at its floor, and then at one rate across those groups (:func:`_cut_order`); where the
+  group is at its floor, and then at one rate across those groups (:meth:`ISTA._order`); where the
   plain ranking removes no live residual channel (every moderate target measured) the cut is the
   plain ranking's, bit for bit. 97% now keeps 12/23/45 of the 16/32/64 residual channels.
 * ``min_channels`` (1) live channels per group, in the cut (``allocate``) and in the phase: where a
@@ -490,14 +490,20 @@ class ISTA(PruningMethod):
 
     @staticmethod
     def _order(groups: list, removable: list[torch.Tensor], norms: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The order in which the cut removes channels (:func:`_cut_order`)."""
-        return _cut_order(groups, removable, norms)
+        """Scores for the cut's bisection (lowest removed first), :func:`methods.budget.residual_last`'s
+        order: every exactly-removable channel; then the live channels of the block-internal groups
+        (the paper's scope) by |gamma| norm; then, beyond the paper, the live channels of the
+        residual-coupled groups (``scope: all``) at one rate across those groups. Where the cut
+        removes no live residual channel this is the plain |gamma| ranking, exactly. Measured on the
+        quickstart (module docstring): the plain ranking cut the last stage's residual group to 1-2
+        channels at 97% removed, and accuracy to ~0.2."""
+        return residual_last(norms, [residual_coupled(g) for g in groups], first=removable)
 
     def _widths(self, model, graph, groups, removable, norms, context) -> list[int]:
         """Kept channels per layer (never under ``min_channels``): every exactly-removable zero goes
         (``round_to`` rounds up over zeros only); if that falls short of the target (``_aim``: a
         phase too short to get there), live channels go too, by one global bisection in
-        :func:`_cut_order`'s order (that part of the cut is not exact)."""
+        :meth:`ISTA._order`'s order (that part of the cut is not exact)."""
         round_to = self.hparams["round_to"]
         floor = self.min_channels
         zero_only = [round_width(int((~ok).sum()), g.size, round_to=round_to, min_channels=floor)
@@ -516,17 +522,6 @@ class ISTA(PruningMethod):
         log.info("ista: the phase zeroed channels worth %.4f of the MACs (target %.4f); removing the smallest "
                  "|gamma| too: MACs reduction %.4f", reached, target, plan.reduction)
         return plan.kept
-
-
-def _cut_order(groups: list, removable: list[torch.Tensor], norms: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Scores for the cut's bisection (lowest removed first), :func:`methods.budget.residual_last`'s
-    order: every exactly-removable channel; then the live channels of the block-internal groups (the
-    paper's scope) by |gamma| norm; then, beyond the paper, the live channels of the residual-coupled
-    groups (``scope: all``) at one rate across those groups. Where the cut removes no live residual
-    channel this is the plain |gamma| ranking, exactly. Measured on the quickstart (module
-    docstring): the plain ranking cut the last stage's residual group to 1-2 channels at 97%
-    removed, and accuracy to ~0.2."""
-    return residual_last(norms, [residual_coupled(g) for g in groups], first=removable)
 
 
 def _homogeneous_path(graph: DependencyGraph, bn: str, consumers: list[str]) -> bool:

@@ -131,7 +131,7 @@ class MLflowTrialLogger(Callback):
         self.parent_run_id = parent_run_id
         self.example = example
         self.models, self.objectives, self.constraints = models, tuple(objectives), constraints
-        self._points: list[list[float]] = []  # objective values of the feasible trials finished so far
+        self._front: list[list[float]] = []  # objective values of the front of the feasible finished trials
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
         self._done: set[str] = set()
@@ -287,9 +287,11 @@ class MLflowTrialLogger(Callback):
 
         if self.constraints is not None and not feasible(self.constraints, result):
             return False
-        point = [float(result.get(m, math.nan)) for m in metrics(self.objectives)]
-        self._points.append(point)
-        return len(self._points) - 1 in front(self._points, directions(self.objectives))
+        # On the front of every feasible trial so far iff on the front of the front so far and itself.
+        points = self._front + [[float(result.get(m, math.nan)) for m in metrics(self.objectives)]]
+        kept = front(points, directions(self.objectives))
+        self._front = [points[i] for i in kept]
+        return len(points) - 1 in kept
 
     def _submit_model(self, run_id: str, trial, export: bool = True) -> None:
         """Log the trial's model in the model-logging thread (``search.model_logs``: the only one
