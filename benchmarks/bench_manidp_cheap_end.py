@@ -61,17 +61,17 @@ def main() -> None:
             m = run_trial(settings, args.method, {"prune_ratio": ratio, **extra},
                           lambda metrics, save: None)
             rows.append((seed, ratio, m["accuracy"], 1.0 - m["macs_reduction"], time.perf_counter() - t0))
-            print(f"seed {seed} prune_ratio {ratio:.2f}: val accuracy {m['accuracy']:.3f} at "
+            print(f"seed {seed} prune_ratio {ratio:g}: val accuracy {m['accuracy']:.3f} at "
                   f"{100 * (1.0 - m['macs_reduction']):.1f}% of the dense MACs ({rows[-1][-1]:.0f} s)", flush=True)
     print("\n| seed | prune_ratio | val accuracy | % of dense MACs |\n| --- | --- | --- | --- |")
     for seed, ratio, acc, frac, _ in rows:
-        print(f"| {seed} | {ratio:.2f} | {acc:.3f} | {100 * frac:.1f}% |")
+        print(f"| {seed} | {ratio:g} | {acc:.3f} | {100 * frac:.1f}% |")
     print(f"\n{args.method} {extra} over seeds {args.seeds}: min / median / max\n"
           "| prune_ratio | val accuracy | % of dense MACs |\n| --- | --- | --- |")
     for ratio in args.ratios:
         accs = [r[2] for r in rows if r[1] == ratio]
         fracs = [100 * r[3] for r in rows if r[1] == ratio]
-        print(f"| {ratio:.2f} | {_spread(accs, '.3f')} | {_spread(fracs, '.1f')} |")
+        print(f"| {ratio:g} | {_spread(accs, '.3f')} | {_spread(fracs, '.1f')} |")
 
 
 def _parse(kv: str) -> tuple[str, object]:

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,32 +30,23 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     code = Path(args.code).resolve()
     root = Path(tempfile.mkdtemp(prefix="bench-fronts-"))
-    env = dict(os.environ, PYTHONPATH=str(code), RAY_USAGE_STATS_ENABLED="0",
-               RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     sys.path.insert(0, str(code))
-    from mlflow.tracking import MlflowClient
-
-    from search.fronts import sweep_points
+    sys.path.insert(1, str(REPO / "benchmarks"))
+    from bench_vs_torch_pruning import run_prunetune, summarise
 
     hvs = []
     for seed in args.seeds:
-        db = root / f"seed{seed}.db"
-        cmd = [sys.executable, "-m", "search.cli", "run", str(code / "configs" / "quickstart.yaml"), "--set", f"seed={seed}",
-               "--set", f"storage_path={root / 'ray_results'}", "--set", f"tracking_uri=sqlite:///{db}"]
-        for o in args.set:
-            cmd += ["--set", o]
-        t0 = time.perf_counter()
-        out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"seed {seed}: prunetune run exited {out.returncode}:\n{(out.stdout + out.stderr)[-3000:]}")
-        parent = re.search(r"MLflow parent run: (\w+)", out.stdout).group(1)
-        client = MlflowClient(f"sqlite:///{db}")
-        dense = client.get_run(parent).data.metrics["dense_macs"]
-        hv = float(re.search(r"hypervolume: ([\d.e+]+)", out.stdout).group(1)) / dense
+        seed_root = root / f"seed{seed}"
+        seed_root.mkdir()
+        overrides = [f"seed={seed}", f"storage_path={root / 'ray_results'}",
+                     f"tracking_uri=sqlite:///{seed_root / 'mlflow.db'}", *args.set]
+        sweep = run_prunetune(str(code / "configs" / "quickstart.yaml"), overrides, seed_root, code=code)
+        hv = summarise(sweep.points, sweep.dense_macs, sweep.failed, sweep.wall_s)["hv"]
         hvs.append(hv)
-        points = sorted(sweep_points(client, parent), key=lambda p: p.macs)
-        listed = ", ".join(f"{p.method} {p.accuracy:.3f}@{p.macs / dense:.1%}" for p in points)
-        print(f"seed {seed}: hypervolume / dense MACs {hv:.3f}, wall {time.perf_counter() - t0:.0f} s :: {listed}", flush=True)
+        listed = ", ".join(f"{m} {a:.3f}@{c / sweep.dense_macs:.1%}" for m, a, c in sorted(sweep.rows, key=lambda r: r[2]))
+        print(f"seed {seed}: hypervolume / dense MACs {hv:.3f}, wall {sweep.wall_s:.0f} s :: {listed}", flush=True)
     print(f"code {code}: hypervolume / dense MACs min / median / max / mean {min(hvs):.3f} / "
           f"{statistics.median(hvs):.3f} / {max(hvs):.3f} / {statistics.mean(hvs):.3f}")
 

@@ -47,6 +47,7 @@ import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -87,8 +88,17 @@ def summarise(points, dense_macs: float, failed: int, wall_s: float) -> dict:
             "wall_s": wall_s, "removed_nothing": sum(m >= dense_macs for _, m in finite)}
 
 
-def run_prunetune(config: str, overrides, root: Path) -> tuple[list, int, float, list]:
-    """Run the CLI; return (points, failed trials, wall seconds, [(method, accuracy, macs)])."""
+class SweepResult(NamedTuple):
+    points: list  # [(accuracy, macs)] of the finished trials
+    failed: int
+    wall_s: float
+    rows: list  # [(method, accuracy, macs)]
+    dense_macs: float  # the sweep's own count (its MLflow parent run)
+
+
+def run_prunetune(config: str, overrides, root: Path, *, code: Path = REPO) -> SweepResult:
+    """``prunetune run CONFIG`` with ``code``'s packages first on PYTHONPATH, its log in ``root``;
+    its finished trials read back from its MLflow records."""
     from mlflow.tracking import MlflowClient
 
     from search.fronts import sweep_points
@@ -96,7 +106,7 @@ def run_prunetune(config: str, overrides, root: Path) -> tuple[list, int, float,
     cmd = [sys.executable, "-m", "search.cli", "run", config]
     for o in overrides:
         cmd += ["--set", o]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")])))
     log = root / "prunetune.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -108,8 +118,10 @@ def run_prunetune(config: str, overrides, root: Path) -> tuple[list, int, float,
     parent = re.search(r"MLflow parent run: (\w+)", text).group(1)
     failed = int(re.search(r"failed: (\d+)", text).group(1))
     tracking = next(o.split("=", 1)[1] for o in overrides if o.startswith("tracking_uri="))
-    pts = sweep_points(MlflowClient(tracking), parent)
-    return [(p.accuracy, p.macs) for p in pts], failed, wall, [(p.method, p.accuracy, p.macs) for p in pts]
+    client = MlflowClient(tracking)
+    pts = sweep_points(client, parent)
+    return SweepResult([(p.accuracy, p.macs) for p in pts], failed, wall, [(p.method, p.accuracy, p.macs) for p in pts],
+                       float(client.get_run(parent).data.metrics["dense_macs"]))
 
 
 def run_peer(base_dir: Path, settings, trials: int | None, workers: int, seed: int,
@@ -185,7 +197,7 @@ def one_seed(args, seed: int) -> dict:
     print(f"dense base {base_dir.name}: weights.pt sha256 {weights_hash[:16]}..., trained in {base_s:.1f}s "
           f"(in neither wall time); dense MACs {dense_macs / 1e6:.2f} M", flush=True)
 
-    pt_points, pt_failed, pt_wall, pt_rows = run_prunetune(args.config, overrides, root)
+    pt_points, pt_failed, pt_wall, pt_rows, _ = run_prunetune(args.config, overrides, root)
     bases = sorted(p.name for p in (root / "ray_results" / "base_models").iterdir() if not p.name.startswith("."))
     if bases != [base_dir.name] or sha256(base_dir / "weights.pt") != weights_hash:
         sys.exit(f"the sweep did not reuse the one dense base: base_models holds {bases}")

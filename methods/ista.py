@@ -350,11 +350,11 @@ class ISTA(PruningMethod):
         return mask
 
     def on_epoch_end(self, model: nn.Module, epoch: int, mean_loss: float) -> None:
-        reduction = self.zero_reduction(model)
+        reduction = self.zero_reduction(model)  # when known, the MACs model and the reach are known too
+        target = self.hparams["prune_ratio"] if reduction is None else self._aim(self._macs, self._reference)
         log.info("ista: epoch %d: loss %.4f, %.1f%% of penalised gammas are exactly zero, MACs reduction %s "
                  "(target %.4f)", epoch, mean_loss, 100.0 * self.zero_fraction(model),
-                 "?" if reduction is None else f"{reduction:.4f}",
-                 self.hparams["prune_ratio"] if self._reach is None else min(self._reach, self.hparams["prune_ratio"]))
+                 "?" if reduction is None else f"{reduction:.4f}", target)
 
     def _bind(self, model: nn.Module) -> list[tuple[list[nn.Parameter], float]]:
         """(the gammas of the layer's batch norms, lambda_l) of every penalised layer of ``model``
