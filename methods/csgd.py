@@ -43,10 +43,11 @@ import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .base import PHASE_EPOCHS, PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod
+from .base import PHASE_EPOCHS, PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod, allocation_hp
 from .errors import ArgumentError, PruneTuneError
 from .graph import ChannelGroup, DependencyGraph
 from .hyperparameters import Hyperparameter
+from .importance import l1_filter
 from .layers import ChannelPadShortcut
 from .registry import register_method
 from .selection import plan_widths
@@ -132,7 +133,7 @@ class CSGD(PruningMethod):
         Hyperparameter("epsilon", 0.05, 1e-4, 1e-1, log=True, doc="centripetal strength"),
         Hyperparameter("clustering", "kmeans", choices=("kmeans", "even"), kind="categorical",
                        doc="how each layer's filters are split into clusters"),
-        PHASE_EPOCHS, SCOPE, ROUND_TO,
+        PHASE_EPOCHS, SCOPE, allocation_hp("uniform"), ROUND_TO,
     )
 
     def __init__(self, **hparams: Any):
@@ -156,7 +157,10 @@ class CSGD(PruningMethod):
                                  "for the MACs target")
         graph = DependencyGraph(model)
         groups = graph.prunable_groups(scope=self.hparams["scope"])
-        plan = plan_widths(model, graph, groups, context, self.hparams, owner=self.name)
+        # global: how MANY clusters each group gets comes from the shared ranking of filter L1 norms
+        # (as l1_norm's); WHICH channels share a cluster stays the k-means / even split below.
+        scores = [l1_filter(graph, g) for g in groups] if self.hparams["allocation"] == "global" else None
+        plan = plan_widths(model, graph, groups, context, self.hparams, scores, owner=self.name)
         out: list[_Clustering] = []
         by_group: dict[int, list[list[int]]] = {}
         for index, (group, kept) in enumerate(zip(groups, plan.kept)):
