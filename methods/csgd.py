@@ -6,9 +6,12 @@ so that merging them afterwards loses nothing:
 
 1. clustering (once, in ``prepare``): every prunable channel group of ``n`` channels is split into
    ``n'`` clusters, by a small seeded k-means on the flattened kernels (``clustering="kmeans"``) or
-   evenly by index (``"even"``). ``n'`` is the same fraction of every group (``methods.budget``,
-   uniform allocation, ``round_to``), chosen so the merged model removes ``prune_ratio`` of the
-   dense MACs. A residual group (all convs whose outputs are added through the same shortcut,
+   evenly by index (``"even"``). ``n'`` comes from ``methods.budget`` (``allocation``, ``round_to``),
+   chosen so the merged model removes ``prune_ratio`` of the dense MACs: ``uniform`` (the paper's,
+   the default) the same fraction of every group; ``global`` the widths of the shared ranking of
+   filter L1 norms (normalised per group, residual-coupled groups last; l1_norm's), so groups end
+   uneven. Only the count comes from the ranking: which channels share a cluster is still the
+   clustering's. A residual group (all convs whose outputs are added through the same shortcut,
    ``scope: all``) gets ONE clustering, from the concatenation of all its producers' kernels;
 2. the centripetal update (``after_backward``), for every clustered parameter row ``j`` (conv or linear
    kernel, conv bias, and the BN gamma/beta following the producer) in cluster ``H``::
@@ -29,7 +32,8 @@ shortcut adds a copy of the previous stage's channel ``source[j]`` (or zero) to 
 training cannot make two different copies equal. So channels may only share a cluster when their
 shortcut inputs are equal by construction: both zero padding, or both copies of channels that are
 themselves in one cluster of the previous stage's group. Each such class is clustered on its own,
-with the ``n'`` clusters shared out in proportion to class sizes (at least one each).
+with the ``n'`` clusters shared out in proportion to class sizes (at least one each; a group with
+more classes than ``n'`` keeps one cluster per class, so the model then removes a little less).
 """
 from __future__ import annotations
 
