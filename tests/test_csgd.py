@@ -100,6 +100,21 @@ def test_global_allocation_takes_cluster_counts_from_the_shared_ranking(prune_ra
     assert profile(pruned, (3, 32, 32)).macs == pytest.approx((1 - prune_ratio) * dense, rel=0.05)
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_shortcut_classes_keep_cluster_counts_a_multiple_of_round_to(allocation):
+    # At 0.97 with round_to 8, stage 1 keeps 8 clusters, so stage 2's option-A shortcut makes 9
+    # classes (pad + a copy of each): more than the 8 allocated, rounded up to 16, not 9.
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, in_channels=1)
+    method = create_method("csgd", prune_ratio=0.97, scope="all", allocation=allocation, round_to=8)
+    method.prepare(model, PruneContext(DIGITS))
+    counts = {c["producers"][0]: len(c["clusters"]) for c in method.state_dict()["clusterings"]}
+    assert counts["layer1.2.conv2"] == 8 and counts["layer2.2.conv2"] == 16, counts
+    assert all(k % 8 == 0 for k in counts.values()), counts
+    pruned = method.prune(model, PruneContext(DIGITS))
+    assert all(m.out_channels % 8 == 0 for m in pruned.modules() if isinstance(m, nn.Conv2d))
+
+
 def test_pad_shortcut_groups_only_merge_channels_with_equal_shortcut_inputs():
     model = create_model("resnet20", 10)
     method = create_method("csgd", prune_ratio=0.7, scope="all")
