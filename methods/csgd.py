@@ -6,9 +6,12 @@ so that merging them afterwards loses nothing:
 
 1. clustering (once, in ``prepare``): every prunable channel group of ``n`` channels is split into
    ``n'`` clusters, by a small seeded k-means on the flattened kernels (``clustering="kmeans"``) or
-   evenly by index (``"even"``). ``n'`` is the same fraction of every group (``methods.budget``,
-   uniform allocation, ``round_to``), chosen so the merged model removes ``prune_ratio`` of the
-   dense MACs. A residual group (all convs whose outputs are added through the same shortcut,
+   evenly by index (``"even"``). ``n'`` comes from ``methods.budget`` (``allocation``, ``round_to``),
+   chosen so the merged model removes ``prune_ratio`` of the dense MACs: ``uniform`` (the paper's,
+   the default) the same fraction of every group; ``global`` the widths of the shared ranking of
+   filter L1 norms (normalised per group, residual-coupled groups last; l1_norm's), so groups end
+   uneven. Only the count comes from the ranking: which channels share a cluster is still the
+   clustering's. A residual group (all convs whose outputs are added through the same shortcut,
    ``scope: all``) gets ONE clustering, from the concatenation of all its producers' kernels;
 2. the centripetal update (``after_backward``), for every clustered parameter row ``j`` (conv or linear
    kernel, conv bias, and the BN gamma/beta following the producer) in cluster ``H``::
@@ -29,7 +32,10 @@ shortcut adds a copy of the previous stage's channel ``source[j]`` (or zero) to 
 training cannot make two different copies equal. So channels may only share a cluster when their
 shortcut inputs are equal by construction: both zero padding, or both copies of channels that are
 themselves in one cluster of the previous stage's group. Each such class is clustered on its own,
-with the ``n'`` clusters shared out in proportion to class sizes (at least one each).
+with the ``n'`` clusters shared out in proportion to class sizes (at least one each). A group with
+more classes than ``n'`` gets one cluster per class, rounded up to a multiple of ``round_to`` (so
+the model then removes less than the target; with ``round_to`` 16 on a CIFAR ResNet, the 16-wide
+first stage is never cut, so stage 2 has 17 classes and stays whole).
 """
 from __future__ import annotations
 
@@ -43,10 +49,11 @@ import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .base import PHASE_EPOCHS, PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod
+from .base import PHASE_EPOCHS, PRUNE_RATIO, ROUND_TO, SCOPE, PruneContext, PruningMethod, allocation_hp
 from .errors import ArgumentError, PruneTuneError
 from .graph import ChannelGroup, DependencyGraph
 from .hyperparameters import Hyperparameter
+from .importance import l1_filter
 from .layers import ChannelPadShortcut
 from .registry import register_method
 from .selection import plan_widths
@@ -132,7 +139,7 @@ class CSGD(PruningMethod):
         Hyperparameter("epsilon", 0.05, 1e-4, 1e-1, log=True, doc="centripetal strength"),
         Hyperparameter("clustering", "kmeans", choices=("kmeans", "even"), kind="categorical",
                        doc="how each layer's filters are split into clusters"),
-        PHASE_EPOCHS, SCOPE, ROUND_TO,
+        PHASE_EPOCHS, SCOPE, allocation_hp("uniform"), ROUND_TO,
     )
 
     def __init__(self, **hparams: Any):
@@ -156,13 +163,20 @@ class CSGD(PruningMethod):
                                  "for the MACs target")
         graph = DependencyGraph(model)
         groups = graph.prunable_groups(scope=self.hparams["scope"])
-        plan = plan_widths(model, graph, groups, context, self.hparams, owner=self.name)
+        # global: how MANY clusters each group gets comes from the shared ranking of filter L1 norms
+        # (as l1_norm's); WHICH channels share a cluster stays the k-means / even split below.
+        scores = [l1_filter(graph, g) for g in groups] if self.hparams["allocation"] == "global" else None
+        plan = plan_widths(model, graph, groups, context, self.hparams, scores, owner=self.name)
         out: list[_Clustering] = []
         by_group: dict[int, list[list[int]]] = {}
         for index, (group, kept) in enumerate(zip(groups, plan.kept)):
             n = group_size(graph, group)
             classes = _shortcut_classes(graph, group, n, by_group)
-            k = max(kept, len(classes))
+            k = kept
+            if len(classes) > kept:  # one cluster per class at least, still a multiple of round_to
+                k = min(n, -(-len(classes) // self.hparams["round_to"]) * self.hparams["round_to"])
+                log.info("csgd: %s: %d shortcut classes need %d clusters, %d allocated", group.producers[0],
+                         len(classes), k, kept)
             if k >= n:
                 continue
             features = _kernel_features(graph.model, group, n)

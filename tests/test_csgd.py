@@ -10,6 +10,8 @@ from torch import nn
 from methods import DependencyGraph, PruneContext, create_method
 from methods.cost import profile
 from methods.csgd import kmeans
+from methods.importance import l1_filter
+from methods.selection import plan_widths
 from trainables.data import load, make_loader
 from trainables.models import create_model
 from trainables.train import evaluate, train_epoch
@@ -65,6 +67,52 @@ def test_merging_identical_clusters_is_exact_across_residual_adds(clustering):
     assert profile(pruned, (3, 32, 32)).macs == pytest.approx(0.5 * profile(model, (3, 32, 32)).macs, rel=0.05)
     assert pruned.conv1.out_channels < 16 and pruned.layer3[2].conv1.out_channels < 64
     assert pruned.layer2[0].shortcut.out_channels == pruned.layer2[0].conv2.out_channels
+
+
+@pytest.mark.parametrize("prune_ratio", [0.7, 0.97])
+def test_global_allocation_takes_cluster_counts_from_the_shared_ranking(prune_ratio):
+    """allocation: global changes how MANY clusters each group gets (the shared L1 ranking's widths,
+    uneven across groups), not how they are formed; the merge stays exact and reaches the target."""
+    model = randomise_bn(create_model("resnet20", 10))
+    context = PruneContext((3, 32, 32))
+    graph = DependencyGraph(model)
+    groups = graph.prunable_groups(scope="all")
+    method = create_method("csgd", prune_ratio=prune_ratio, scope="all", allocation="global")
+    method.prepare(model, context)
+    counts = {c["producers"][0]: len(c["clusters"]) for c in method.state_dict()["clusterings"]}
+    plan = plan_widths(model, graph, groups, context, method.hparams, [l1_filter(graph, g) for g in groups])
+    expected = {g.producers[0]: k for g, k in zip(groups, plan.kept) if k < g.size}
+    assert counts == expected  # the shortcut classes never needed more clusters here
+    assert len({k / g.size for g, k in zip(groups, plan.kept)}) > 2  # uneven fractions across groups
+    if prune_ratio == 0.97:  # block-internal groups at one cluster, the residual stream clustered too
+        assert sum(g.residual for g in groups if g.producers[0] in counts) == 3
+        assert {counts[g.producers[0]] for g in groups if not g.residual} == {1}
+    uniform = create_method("csgd", prune_ratio=prune_ratio, scope="all")  # the default: one fraction
+    uniform.prepare(model, context)
+    fractions = {len(c["clusters"]) / sum(map(len, c["clusters"])) for c in uniform.state_dict()["clusterings"]}
+    assert max(fractions) - min(fractions) <= 1 / 16
+    _make_clusters_identical(model, method)
+    x = torch.randn(4, 3, 32, 32)
+    before = model(x)
+    pruned = method.prune(model, context).eval()
+    assert torch.allclose(pruned(x), before, atol=1e-5), (pruned(x) - before).abs().max()
+    dense = profile(model, (3, 32, 32)).macs
+    assert profile(pruned, (3, 32, 32)).macs == pytest.approx((1 - prune_ratio) * dense, rel=0.05)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_shortcut_classes_keep_cluster_counts_a_multiple_of_round_to(allocation):
+    # At 0.97 with round_to 8, stage 1 keeps 8 clusters, so stage 2's option-A shortcut makes 9
+    # classes (pad + a copy of each): more than the 8 allocated, rounded up to 16, not 9.
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, in_channels=1)
+    method = create_method("csgd", prune_ratio=0.97, scope="all", allocation=allocation, round_to=8)
+    method.prepare(model, PruneContext(DIGITS))
+    counts = {c["producers"][0]: len(c["clusters"]) for c in method.state_dict()["clusterings"]}
+    assert counts["layer1.2.conv2"] == 8 and counts["layer2.2.conv2"] == 16, counts
+    assert all(k % 8 == 0 for k in counts.values()), counts
+    pruned = method.prune(model, PruneContext(DIGITS))
+    assert all(m.out_channels % 8 == 0 for m in pruned.modules() if isinstance(m, nn.Conv2d))
 
 
 def test_pad_shortcut_groups_only_merge_channels_with_equal_shortcut_inputs():

@@ -20,6 +20,7 @@ def test_quickstart_shares_the_front_axis_and_keeps_method_specific_names():
     assert "prune_ratio" in shared and "phase_epochs" in shared
     # fixed by the quickstart: constants, not parameters
     assert "scope" not in shared and "allocation" not in shared and "round_to" not in shared
+    assert all(space[m]["allocation"].choices == ("global",) for m in space if m not in ("ista", "manidp"))
     keys = make_space(space).distributions("thinet")
     assert {"method", "prune_ratio", "thinet.samples_per_layer", "thinet.finetune_steps"} <= set(keys)
     assert "allocation" in shared_names(_space("space.allocation=[uniform, global]"))
