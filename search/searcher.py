@@ -67,12 +67,12 @@ class ParetoOptunaSearch(OptunaSearch):
     "macs")``; ``objective`` is the shorthand, ``macs`` or ``latency``, used when ``objectives`` is
     None): Optuna gets their metrics, in their directions, from each finished trial's final result."""
 
-    def __init__(self, space: Callable, sampler: optuna.samplers.BaseSampler, seed: int, objective: str = "macs",
+    def __init__(self, space: Callable, sampler: optuna.samplers.BaseSampler, objective: str = "macs",
                  objectives: Sequence[str] | None = None, constraints: ConstraintsConfig | None = None):
         self.constraints = constraints if constraints is not None and constraints.active else None
         names = tuple(objectives) if objectives is not None else _objectives.SHORTHANDS[objective]
         super().__init__(space=space, metric=_objectives.metrics(names), mode=list(_objectives.directions(names)),
-                         sampler=sampler, seed=seed)
+                         sampler=sampler)  # the seed is the sampler's (OptunaSearch warns if given both)
 
     def add_trials(self, trials) -> None:
         """Add finished trials (``search.warm_start``) to the study before the first suggestion."""

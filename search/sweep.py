@@ -442,7 +442,7 @@ def _tuner(cfg: SweepConfig, settings, exp_dir: str, parent: str, restore: bool,
     scheduler, callbacks = scheduler_and_callbacks(cfg, parent)
     callbacks.append(ProgressLines(cfg.num_trials, scheduler))
     searcher = ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler(cfg.sampler, cfg.seed, cfg.methods),
-                                  cfg.seed, objectives=cfg.objectives, constraints=cfg.constraints)
+                                  objectives=cfg.objectives, constraints=cfg.constraints)
     if warm:
         searcher.add_trials(warm)  # earlier sweeps' finished trials, before the first suggestion
     return tune.Tuner(

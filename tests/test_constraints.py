@@ -3,6 +3,7 @@
 of promote (a real MLflow SQLite store holding hand-made trial records)."""
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -56,7 +57,7 @@ def test_constraint_values():
 
 def test_sampler_gets_the_constraint_values():
     cfg = load_config(QUICK, ["methods=[l1_norm]", "constraints={max_macs: 1000, min_accuracy: 0.9}"])
-    searcher = ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler("tpe", 0), 0,
+    searcher = ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler("tpe", 0),
                                   objectives=cfg.objectives, constraints=cfg.constraints)
     searcher.suggest("a")
     searcher.suggest("b")
@@ -116,3 +117,18 @@ def test_infeasible_trials_are_tagged_off_the_front_and_never_promoted(tmp_path)
     client.delete_tag(mid, "pareto")  # recomputed front: still no infeasible candidate
     assert {p.run_id for p in pareto_candidates(ref)} == {cheap, mid}
     assert math.isfinite(summary["hypervolume"])
+
+
+def test_the_searcher_takes_its_seed_from_the_sampler_alone(caplog):
+    # OptunaSearch ignores its own seed when given a sampler, and warned so in every sweep's output
+    cfg = load_config(QUICK, ["methods=[l1_norm]"])
+    ray_log = logging.getLogger("ray")  # Ray's loggers do not propagate to the root's (caplog's) handler
+    ray_log.addHandler(caplog.handler)
+    try:
+        sampler = make_sampler("tpe", 3)
+        searcher = ParetoOptunaSearch(make_space(cfg.search_space()), sampler, objectives=cfg.objectives)
+        searcher.suggest("a")
+    finally:
+        ray_log.removeHandler(caplog.handler)
+    assert searcher._ot_study.sampler is sampler
+    assert not [r for r in caplog.records if "seed" in r.getMessage()]

@@ -65,7 +65,7 @@ def test_trial_times_pruned_and_dense_side_by_side(settings, name, hparams):
 # ---- the searcher (a real Optuna study, no Ray run) --------------------------------------------------------------
 def _searcher(objective):
     cfg = load_config("configs/quickstart.yaml", ["methods=[l1_norm]"])
-    return ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler("random", 0), 0, objective=objective)
+    return ParetoOptunaSearch(make_space(cfg.search_space()), make_sampler("random", 0), objective=objective)
 
 
 def test_searcher_requires_per_result_only_what_every_epoch_reports():
