@@ -175,11 +175,12 @@ def test_driver_killed_while_joined_to_a_cluster_resumes_there(tmp_path):
     results = trial_results(exp_dir)
     assert set(results) == set(trial_ids)
     for tid, rows in results.items():
-        # Tune copies result.json from the driver's staging folder to storage now and then, so a
-        # SIGKILLed driver can lose a running trial's rows since the last copy (epochs 1-2 of 6, once
-        # in a suite run). What the resumed trial adds goes on from its checkpoint: no epoch twice.
+        # result.json is Tune's own log, not the sweep's record: a SIGKILLed driver can lose a running
+        # trial's rows since Tune's last copy to storage (epochs 1-2 of 6, once in a suite run), and
+        # the epochs after the checkpoint a trial resumes from are reported again (epoch 3 twice,
+        # once). What holds: the trial ran to its end and was not restarted from scratch.
         seen = [r["epoch"] for r in rows]
-        assert seen == sorted(set(seen)) and seen[-1] == epochs, (tid, seen)
+        assert seen[-1] == epochs and seen.count(1) <= 1, (tid, seen)
     for run in children:  # MLflow, the sweep's own record: every epoch of every trial, once
         for key in ("accuracy", "macs"):
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
