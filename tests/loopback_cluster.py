@@ -143,6 +143,18 @@ class LoopbackCluster:
                 return pid
         return None
 
+    def kill_node(self, raylet: int) -> list[int]:
+        """A lost machine: SIGKILL a node's raylet and, at the same moment, every process it started
+        (its workers; alone, a raylet's death leaves them running until they notice, long enough
+        for a short trial to finish where it was). Returns the PIDs killed."""
+        victims = [raylet] + [pid for pid in self.processes() if (proc_info(pid) or (None,))[0] == raylet]
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return victims
+
     def stop(self, timeout: float = 20) -> list[int]:
         """SIGTERM then SIGKILL every process of the cluster; returns those still alive afterwards."""
         for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -81,9 +81,11 @@ def test_trial_survives_worker_node_death(tmp_path):
             pytest.fail(f"no trial reported an epoch on the worker node (driver exit {driver.poll()}):\n"
                         + (tmp_path / "driver.log").read_text()[-4000:])
 
-        # 2. The worker node dies: SIGKILL its raylet (its workers exit with it).
-        os.kill(worker_raylet, signal.SIGKILL)
-        print(f"killed the worker node's raylet {worker_raylet}: trial {victim} had reported epoch {victim_epoch}")
+        # 2. The worker node dies: its raylet and its workers at once (with the raylet alone the
+        #    victim once finished its last epochs in place before its worker noticed).
+        killed = cluster.kill_node(worker_raylet)
+        print(f"killed the worker node (raylet {worker_raylet}, all killed: {killed}): trial {victim} had "
+              f"reported epoch {victim_epoch}")
 
         rc = driver.wait(timeout=480)
         output = (tmp_path / "driver.log").read_text()
