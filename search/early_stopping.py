@@ -2,7 +2,11 @@
 
 Rungs are counted in fine-tune epochs, the epochs after the cut (a trial reports ``stage`` and
 ``finetune_epoch`` every epoch; see ``trainables.trial``): ``grace_epochs``, then ``grace_epochs *
-reduction_factor``, ``* reduction_factor**2``, ... When a trial reaches a rung, its objectives
+reduction_factor``, ``* reduction_factor**2``, ... up to the trial's budget divided by
+``reduction_factor`` (``rung_epochs``), as in ASHA, whose last decision is at ``max_t / eta``: a
+rung later than that would stop a trial that has spent most of its budget, saving less than a
+``1/reduction_factor`` share of it and losing a finished candidate for the front (with 9 fine-tune
+epochs and factor 2 the rungs are 1, 2, 4, no longer 8). When a trial reaches a rung, its objectives
 (those every epoch reports: accuracy, MACs, params; the latency ratio is measured only at the end)
 are recorded there and compared with every trial recorded at that rung so far, itself included:
 
@@ -44,7 +48,8 @@ from . import objectives as _obj
 from .pareto import contributions, ranks
 
 __all__ = ["MultiObjectiveHalving", "StoppedTrialRecorder", "rung_order", "stopped_at_rung", "milestones",
-           "STOPPED_RUNG_TAG", "STOPPED_EPOCH_TAG", "FROM_SCRATCH"]
+           "STOPPED_RUNG_TAG", "STOPPED_EPOCH_TAG", "FROM_SCRATCH", "rung_epochs", "all_rung_epochs",
+           "trial_budgets"]
 
 log = logging.getLogger(__name__)
 STOPPED_RUNG_TAG = "prunetune.stopped_at_rung"
@@ -63,6 +68,14 @@ def milestones(grace_epochs: int, reduction_factor: float, limit: int = 10_000) 
             out.append(rung)
         value *= reduction_factor
     return out
+
+
+def rung_epochs(grace_epochs: int, reduction_factor: float, budget: int | None) -> list[int]:
+    """The rungs of trials that train ``budget`` epochs after the cut: the milestones up to
+    ``budget / reduction_factor`` (None: no budget known, every milestone)."""
+    if budget is None:
+        return milestones(grace_epochs, reduction_factor)
+    return milestones(grace_epochs, reduction_factor, limit=budget / reduction_factor + 1e-9)
 
 
 def rung_order(points: Sequence[Sequence[float]], directions: Sequence[str],
@@ -97,22 +110,27 @@ class _Rung:
 
 
 class MultiObjectiveHalving(FIFOScheduler):
-    """The scheduler (module docstring). ``objectives`` are the sweep's names (``search.objectives``)."""
+    """The scheduler (module docstring). ``objectives`` are the sweep's names (``search.objectives``);
+    ``budgets``: the epochs after the cut of a fine-tuned trial and of a from-scratch one (None: no
+    cap on the rungs)."""
 
-    def __init__(self, objectives: Sequence[str], grace_epochs: int = 1, reduction_factor: float = 2):
+    def __init__(self, objectives: Sequence[str], grace_epochs: int = 1, reduction_factor: float = 2,
+                 budgets: tuple[int | None, int | None] = (None, None)):
         super().__init__()
         self.names = tuple(n for n in objectives if _obj.get(n).every_epoch)
         if not self.names:
             raise ArgumentError(f"early stopping needs an objective every epoch reports, got {list(objectives)}")
         self.grace_epochs = int(grace_epochs)
         self.reduction_factor = float(reduction_factor)
-        self.rungs = self._new_rungs()          # trials fine-tuned from the dense model
-        self.scratch_rungs = self._new_rungs()  # trials trained from fresh weights (their own cohort)
+        self.budgets = tuple(budgets)
+        self.rungs = self._new_rungs()                # trials fine-tuned from the dense model
+        self.scratch_rungs = self._new_rungs(True)    # trials trained from fresh weights (their own cohort)
         self.stopped: dict[str, tuple[int, int]] = {}  # trial id -> (rung number from 1, fine-tune epochs)
         self._first_finetune: dict[str, int] = {}
 
-    def _new_rungs(self) -> list[_Rung]:
-        return [_Rung(m) for m in milestones(self.grace_epochs, self.reduction_factor)]
+    def _new_rungs(self, from_scratch: bool = False) -> list[_Rung]:
+        budget = getattr(self, "budgets", (None, None))[1 if from_scratch else 0]
+        return [_Rung(m) for m in rung_epochs(self.grace_epochs, self.reduction_factor, budget)]
 
     def get_state(self) -> dict[str, Any]:
         """The rung records and decisions (plain data), for Tune's experiment checkpoint."""
@@ -123,7 +141,7 @@ class MultiObjectiveHalving(FIFOScheduler):
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore what ``get_state`` returned (rung epochs must match: same config)."""
         for attr in ("rungs", "scratch_rungs"):
-            rungs = self._new_rungs()
+            rungs = self._new_rungs(attr == "scratch_rungs")
             for rung, (epoch, results) in zip(rungs, state.get(attr, ())):
                 if rung.epoch == epoch:
                     rung.results = {tid: tuple(v) for tid, v in results}
@@ -150,7 +168,7 @@ class MultiObjectiveHalving(FIFOScheduler):
             return TrialScheduler.CONTINUE
         rungs = getattr(self, "scratch_rungs", None) if from_scratch else self.rungs
         if rungs is None:  # a scheduler pickled before the cohorts existed
-            rungs = self.scratch_rungs = self._new_rungs()
+            rungs = self.scratch_rungs = self._new_rungs(True)
         for number, rung in enumerate(rungs, start=1):
             if rung.epoch != ft or trial_id in rung.results:
                 continue
@@ -172,7 +190,8 @@ class MultiObjectiveHalving(FIFOScheduler):
 
     def debug_string(self) -> str:
         return (f"Multi-objective successive halving on {', '.join(self.names)}: rungs at fine-tune epochs "
-                f"{[r.epoch for r in self.rungs[:6]]}, {len(self.stopped)} stopped")
+                f"{[r.epoch for r in self.rungs[:6]]} (from scratch: {[r.epoch for r in self.scratch_rungs[:6]]}), "
+                f"{len(self.stopped)} stopped")
 
 
 def _from_scratch(method: str | None) -> bool:
@@ -225,11 +244,29 @@ class StoppedTrialRecorder(Callback):
                 client.set_terminated(run.info.run_id, status="KILLED")
 
 
+def trial_budgets(cfg) -> tuple[int, int]:
+    """Epochs after the cut of a fine-tuned trial and of a from-scratch one, which trains base +
+    fine-tune epochs (``trainables.trial._plan``)."""
+    return cfg.finetune.epochs, cfg.base.epochs + cfg.finetune.epochs
+
+
+def all_rung_epochs(cfg) -> tuple[int, ...]:
+    """Every fine-tune epoch at which either cohort may be stopped (none without early stopping):
+    a trial waits for the driver's answer to those reports before it trains on."""
+    es = cfg.early_stopping
+    if not es.enabled:
+        return ()
+    return tuple(sorted({e for b in trial_budgets(cfg) for e in rung_epochs(es.grace_epochs, es.reduction_factor, b)}))
+
+
 def scheduler_and_callbacks(cfg, parent_run_id: str) -> tuple[TrialScheduler | None, list[Callback]]:
     """The sweep's scheduler (None: Tune's FIFO) and the callbacks it needs, from ``cfg.early_stopping``."""
     es = cfg.early_stopping
     if not es.enabled:
         return None, []
-    scheduler = MultiObjectiveHalving(cfg.objectives, es.grace_epochs, es.reduction_factor)
+    scheduler = MultiObjectiveHalving(cfg.objectives, es.grace_epochs, es.reduction_factor, trial_budgets(cfg))
     log.info("early stopping: %s", scheduler.debug_string())
+    if not scheduler.rungs:
+        log.warning("early stopping stops no fine-tuned trial: its first rung (%d epochs) is past finetune.epochs "
+                    "(%d) / reduction_factor (%g)", es.grace_epochs, cfg.finetune.epochs, es.reduction_factor)
     return scheduler, [StoppedTrialRecorder(cfg.tracking_uri, parent_run_id, scheduler)]

@@ -467,11 +467,13 @@ def _trainable(cfg: SweepConfig, settings, exp_dir: str):
 
     from trainables.tune_trainable import data_parallel_trial_fn, trial_fn
 
+    from .early_stopping import all_rung_epochs
+
     res = cfg.resources_per_trial
     if res.workers == 1:
         return tune.with_resources(tune.with_parameters(trial_fn, settings=settings,
                                                         checkpoint_period_s=cfg.checkpoint_period_s,
-                                                        wait_at=_rung_epochs(cfg)),
+                                                        wait_at=all_rung_epochs(cfg)),
                                    {"cpu": res.cpu, "gpu": res.gpu})
     from trainables.distributed import DataParallel
 
@@ -480,18 +482,6 @@ def _trainable(cfg: SweepConfig, settings, exp_dir: str):
     return tune.with_resources(tune.with_parameters(data_parallel_trial_fn, settings=settings, parallel=parallel,
                                                     checkpoint_period_s=cfg.checkpoint_period_s),
                                {"cpu": 0, "memory": DRIVER_MEMORY})
-
-
-def _rung_epochs(cfg: SweepConfig) -> tuple[int, ...]:
-    """The fine-tune epochs where the early-stopping scheduler may stop a trial (none without it):
-    a trial waits for the driver's answer to those reports before it trains on."""
-    from .early_stopping import milestones
-
-    es = cfg.early_stopping
-    if not es.enabled:
-        return ()
-    # A from-scratch trial fine-tunes base + fine-tune epochs (``trainables.trial._plan``): the longest.
-    return tuple(milestones(es.grace_epochs, es.reduction_factor, limit=cfg.base.epochs + cfg.finetune.epochs))
 
 
 #: All a data-parallel trial's own Tune actor holds: it only waits for its ranks, and Tune refuses

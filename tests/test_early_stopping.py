@@ -25,6 +25,25 @@ def test_milestones():
     assert milestones(1, 1.5, 6) == [1, 2, 3, 4, 6]  # 1, 1.5, 2.25, 3.375, 5.06: rounded up
 
 
+def test_rungs_end_at_the_budget_over_the_reduction_factor():
+    """As ASHA's last decision at max_t / eta: no rung where stopping would save less than a
+    1/reduction_factor share of the trial (9 epochs, factor 2: a stop at 8 saved 1 epoch of 9)."""
+    from search.early_stopping import rung_epochs
+
+    assert rung_epochs(1, 2, 9) == [1, 2, 4]
+    assert rung_epochs(1, 2, 8) == [1, 2, 4]
+    assert rung_epochs(1, 2, 3) == [1]
+    assert rung_epochs(1, 2, 1) == []
+    assert rung_epochs(2, 3, 18) == [2, 6]
+    assert rung_epochs(1, 2, None) == milestones(1, 2)
+    s = MultiObjectiveHalving(["accuracy", "macs"], grace_epochs=1, reduction_factor=2, budgets=(9, 19))
+    assert [r.epoch for r in s.rungs] == [1, 2, 4] and [r.epoch for r in s.scratch_rungs] == [1, 2, 4, 8]
+    # Past the last rung a trial is never stopped, however bad it is.
+    assert s.decide("a", _ft(8, 0.9, 100)) == CONTINUE and s.decide("b", _ft(8, 0.1, 100)) == CONTINUE
+    assert s.decide("c", _ft(8, 0.9, 100), from_scratch=True) == CONTINUE
+    assert s.decide("d", _ft(8, 0.1, 100), from_scratch=True) == STOP
+
+
 def test_who_is_stopped_at_a_rung_by_hand():
     """Rung 1 (fine-tune epoch 1), reduction factor 2: the worst floor(n/2) of the n recorded there.
     Worked by hand: ranks, then exclusive hypervolume contributions (reference: accuracy 0, 1.1 x the
@@ -160,7 +179,7 @@ def test_sweep_stops_trials_prunes_them_in_optuna_and_keeps_them_off_the_front(r
 
     overrides = [
         "methods=[l1_norm, random]", "num_trials=4", "max_concurrent_trials=2", "base.epochs=2",
-        "finetune.epochs=2", "space.prune_ratio=[0.2, 0.8]", "sampler=random", "name=es",
+        "finetune.epochs=4", "space.prune_ratio=[0.2, 0.8]", "sampler=random", "name=es",
         "early_stopping={type: successive_halving, grace_epochs: 1, reduction_factor: 4}",
         "constraints.max_macs_fraction=0.5",
         f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"storage_path={tmp_path}/ray_results"]
@@ -311,10 +330,11 @@ def test_a_trial_waits_for_the_schedulers_answer_at_every_rung_and_nowhere_else(
     """Trials report from a thread of their own and train on (trainables.report_thread), except at
     the fine-tune epochs where the scheduler may stop them: every rung a trial can reach (a
     from-scratch trial fine-tunes base + fine-tune epochs), none without early stopping."""
-    from search.sweep import _rung_epochs
+    from search.early_stopping import all_rung_epochs
 
     es = "early_stopping={type: successive_halving, grace_epochs: 1, reduction_factor: 2}"
-    rungs = lambda *overrides: _rung_epochs(load_config("configs/quickstart.yaml", list(overrides)))  # noqa: E731
-    assert rungs(es, "base.epochs=10", "finetune.epochs=3") == (1, 2, 4, 8)
-    assert rungs(es, "base.epochs=2", "finetune.epochs=1") == (1, 2)
+    rungs = lambda *overrides: all_rung_epochs(load_config("configs/quickstart.yaml", list(overrides)))  # noqa: E731
+    # Fine-tuned trials: up to 3 / 2 epochs -> rung 1; from scratch: up to 13 / 2 -> 1, 2, 4.
+    assert rungs(es, "base.epochs=10", "finetune.epochs=3") == (1, 2, 4)
+    assert rungs(es, "base.epochs=2", "finetune.epochs=1") == (1,)  # from scratch only (3 / 2)
     assert rungs("early_stopping.type=none") == ()
