@@ -59,14 +59,17 @@ def test_who_is_stopped_at_a_rung_by_hand():
         ("t5", 0.95, 210),   # n=5, worst 2; ref 231: t1 40, t4 2.5, t5 1.05, t3 0.5 -> t3, t2 worst
         ("t6", 0.50, 50),    # n=6, worst 3; t6 25, t1 15, t4 2.5, t5 1.05, t3 0.5 -> t5, t3, t2 worst
         ("t7", 0.60, 300),   # dominated by t2 (rank 2), n=7, worst 3: stopped
-        ("t8", 0.91, 205),   # rank 0 but, ref 330: t6 25, t1 15, t5 4.8, t4 2.5, t3 0.25, t8 0.05: stopped
+        # In the worst 3 by order (ref 330: t6 25, t1 15, t5 4.8, t4 2.5, t3 0.25, t8 0.05, then t2,
+        # t7), but on the rung's front (rank 0): it continues; only dominated trials are stopped.
+        ("t8", 0.91, 205),
+        ("t9", 0.88, 205),   # dominated by t8 (rank 1), n=9, worst 4: stopped
     ]:
         decisions[tid] = s.decide(tid, _ft(1, acc, macs))
     assert decisions == {"t1": CONTINUE, "t2": STOP, "t3": CONTINUE, "t4": CONTINUE, "t5": CONTINUE,
-                         "t6": CONTINUE, "t7": STOP, "t8": STOP}
-    assert s.stopped == {"t2": (1, 1), "t7": (1, 1), "t8": (1, 1)}
+                         "t6": CONTINUE, "t7": STOP, "t8": CONTINUE, "t9": STOP}
+    assert s.stopped == {"t2": (1, 1), "t7": (1, 1), "t9": (1, 1)}
     rung = s.rungs[0].results
-    assert rung_order(list(rung.values()), ("max", "min"), (0.0, 330.0)) == [5, 0, 4, 3, 2, 7, 1, 6]
+    assert rung_order(list(rung.values())[:8], ("max", "min"), (0.0, 330.0)) == [5, 0, 4, 3, 2, 7, 1, 6]
 
     # Rung 2 (fine-tune epoch 2) is a new comparison: the first arrival continues whatever it is.
     assert s.decide("t1", _ft(2, 0.10, 100)) == CONTINUE
@@ -77,7 +80,7 @@ def test_who_is_stopped_at_a_rung_by_hand():
     assert s.decide("t9", _ft(1, 0.0, 1e9, test_accuracy=0.0)) == CONTINUE
     assert s.decide("t10", _ft(1, float("nan"), 1e9)) == CONTINUE
     assert s.decide("t1", _ft(1, 0.0, 1e9)) == CONTINUE
-    assert set(s.rungs[0].results) == {f"t{i}" for i in range(1, 9)}
+    assert set(s.rungs[0].results) == {f"t{i}" for i in range(1, 10)}
 
 
 def test_three_objectives_and_accuracy_only():
