@@ -18,10 +18,10 @@ are recorded there and compared with every trial recorded at that rung so far, i
    rung dominates it. A trial on the rung's own front is never stopped, whatever its hypervolume
    contribution: after a heavy cut, accuracy one or two epochs in says little about the end (on the
    quickstart with 9 fine-tune epochs, trials that ended on the front were at 0.10-0.19 after epoch
-   1; rank correlation with the final accuracy 0.58-0.74 at epoch 1, 0.91-0.96 at epoch 4), and such
+   1; rank correlation with the final accuracy 0.58-0.76 at epoch 1, 0.91-0.96 at epoch 4), and such
    a trial is the rung's cheapest, so only a cheaper and better one can rule it out. Replayed on
-   those sweeps' full histories the rule without this guard stopped 13 of the 27 trials that ended
-   on a front, with it 4 (``benchmarks/RESULTS.md``, "Early stopping's signal").
+   nine such sweeps' full histories the rule without this guard stopped 19 of the 40 trials that
+   ended on a front, with it 6 (``benchmarks/RESULTS.md``, "Early stopping's signal").
 
 Methods that train the pruned network from fresh weights (``from_scratch``: Pruning from Scratch)
 are compared only with each other, at rungs of their own: after k epochs such a trial is still
@@ -103,14 +103,14 @@ def rung_order(points: Sequence[Sequence[float]], directions: Sequence[str],
 
 
 def stopped_at_rung(points: Sequence[Sequence[float]], index: int, directions: Sequence[str],
-                    reference: Sequence[float], reduction_factor: float) -> bool:
+                    reference: Sequence[float], reduction_factor: float, keep_rung_front: bool = True) -> bool:
     """Whether ``points[index]`` falls in the worst ``floor(n (1 - 1/rf))`` of the rung's ``n`` points
-    and is dominated there (module docstring: a non-dominated point at a rung is never stopped)."""
+    and (``keep_rung_front``, module docstring) is dominated there."""
     n = len(points)
     worst = math.floor(n * (1.0 - 1.0 / reduction_factor) + 1e-9)
     if rung_order(points, directions, reference).index(index) < n - worst:
         return False
-    return len(directions) == 1 or ranks(points, directions)[index] > 0
+    return not keep_rung_front or len(directions) == 1 or ranks(points, directions)[index] > 0
 
 
 @dataclass
@@ -122,10 +122,11 @@ class _Rung:
 class MultiObjectiveHalving(FIFOScheduler):
     """The scheduler (module docstring). ``objectives`` are the sweep's names (``search.objectives``);
     ``budgets``: the epochs after the cut of a fine-tuned trial and of a from-scratch one (None: no
-    cap on the rungs)."""
+    cap on the rungs). ``keep_rung_front=False``: the rule before the guard (for the benchmarks'
+    replays)."""
 
     def __init__(self, objectives: Sequence[str], grace_epochs: int = 1, reduction_factor: float = 2,
-                 budgets: tuple[int | None, int | None] = (None, None)):
+                 budgets: tuple[int | None, int | None] = (None, None), keep_rung_front: bool = True):
         super().__init__()
         self.names = tuple(n for n in objectives if _obj.get(n).every_epoch)
         if not self.names:
@@ -133,6 +134,7 @@ class MultiObjectiveHalving(FIFOScheduler):
         self.grace_epochs = int(grace_epochs)
         self.reduction_factor = float(reduction_factor)
         self.budgets = tuple(budgets)
+        self.keep_rung_front = keep_rung_front
         self.rungs = self._new_rungs()                # trials fine-tuned from the dense model
         self.scratch_rungs = self._new_rungs(True)    # trials trained from fresh weights (their own cohort)
         self.stopped: dict[str, tuple[int, int]] = {}  # trial id -> (rung number from 1, fine-tune epochs)
@@ -190,7 +192,8 @@ class MultiObjectiveHalving(FIFOScheduler):
             points = [rung.results[t] for t in ids]
             directions = _obj.directions(self.names)
             reference = _obj.reference(self.names, {}, points)
-            if stopped_at_rung(points, ids.index(trial_id), directions, reference, self.reduction_factor):
+            if stopped_at_rung(points, ids.index(trial_id), directions, reference, self.reduction_factor,
+                               getattr(self, "keep_rung_front", True)):
                 self.stopped[trial_id] = (number, ft)
                 log.debug("trial %s stopped at rung %d (fine-tune epoch %d): among the worst %d of %d there%s",
                           trial_id, number, ft, math.floor(len(ids) * (1 - 1 / self.reduction_factor) + 1e-9),
