@@ -68,6 +68,10 @@ def test_who_is_stopped_at_a_rung_by_hand():
     assert decisions == {"t1": CONTINUE, "t2": STOP, "t3": CONTINUE, "t4": CONTINUE, "t5": CONTINUE,
                          "t6": CONTINUE, "t7": STOP, "t8": CONTINUE, "t9": STOP}
     assert s.stopped == {"t2": (1, 1), "t7": (1, 1), "t9": (1, 1)}
+    # Without the guard (the rule before it; the benchmarks' replays) t8 is stopped on its order alone.
+    old = MultiObjectiveHalving(["accuracy", "macs"], grace_epochs=1, reduction_factor=2, keep_rung_front=False)
+    old_decisions = {tid: old.decide(tid, _ft(1, *s.rungs[0].results[tid])) for tid in list(s.rungs[0].results)[:8]}
+    assert old_decisions == {**{t: d for t, d in decisions.items() if t != "t9"}, "t8": STOP}
     rung = s.rungs[0].results
     assert rung_order(list(rung.values())[:8], ("max", "min"), (0.0, 330.0)) == [5, 0, 4, 3, 2, 7, 1, 6]
 
