@@ -31,7 +31,7 @@ def ray_local():
 TINY_SWEEP = [
     "methods=[l1_norm, random]", "num_trials=4", "max_concurrent_trials=2", "base.epochs=3",
     "finetune.epochs=1", "space.prune_ratio=[0.2, 0.8]", "sampler=random",
-    "early_stopping.type=none",  # every trial runs its whole budget (the quickstart stops some early)
+    "early_stopping.type=none",  # every trial runs its whole budget (what the quickstart does too)
 ]
 
 
