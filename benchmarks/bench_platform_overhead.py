@@ -24,6 +24,13 @@ logging off (the child replaces ``search.sweep._input_example`` by ``None``; the
 artifacts are still logged): what the driver's ``torch.export`` of every finished trial costs the
 trials running beside it (an attribution, not a configuration users have).
 
+CPU seconds by process over the whole run (``/proc``, sampled every 0.1 s while the sweep's driver
+runs, counting only user processes started after it): the pool's trials against the sweep's trial
+processes (Tune's actors, ``ray::ImplicitFunc``, with each worker's start-up), the driver, and
+Ray's own processes (GCS, raylet, agents, log monitor, idle workers, the driver's reaper). On a
+machine whose cores the trials fill, the driver's and Ray's CPU is what the trials lose;
+``--concurrency 1`` on 2 cores leaves them a core. A process that exits loses its last <= 0.1 s.
+
 ``--compare-with DIR`` also runs, in each repeat right after this checkout's sweep, the same sweep
 with ``PYTHONPATH=DIR`` (e.g. ``git worktree add /tmp/old <commit>``), so a change to the platform
 is measured before/after side by side under the same load.
@@ -54,9 +61,9 @@ def _plain_trial(settings):
     torch.set_num_threads(1)  # what a 1-CPU Tune trial gets
     from trainables.trial import run_trial
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_trial(settings, "l1_norm", {"prune_ratio": 0.5}, lambda metrics, save: None)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _overrides(args, root: Path, repeat: int, tag: str = "") -> list[str]:
@@ -105,23 +112,85 @@ def _sweep_child(args, root: Path, repeat: int, pythonpath: str | None, tag: str
     if no_models:
         env[NO_MODELS_ENV] = "1"
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--child", str(out), *_overrides(args, root, repeat, tag)],
-                   check=True, env=env)
-    return time.perf_counter() - t0, json.loads(out.read_text())
+    proc = subprocess.Popen([sys.executable, __file__, "--child", str(out), *_overrides(args, root, repeat, tag)],
+                            env=env)
+    cpu = _cpu_by_role(proc)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args)
+    rec = json.loads(out.read_text())
+    rec["cpu"] = cpu
+    return time.perf_counter() - t0, rec
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+#: Ray's own processes, by what their command lines hold (the trial actors are ``ray::ImplicitFunc``).
+_RAY_OWN = ("gcs_server", "raylet", "dashboard", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "log_monitor",
+            "ray/_private", "ray::IDLE", "search.reaper")
+
+
+def _proc_stat(pid: str) -> tuple[float, int, str] | None:
+    """(CPU seconds, start time in ticks, command line) of process ``pid``, or None if it is gone
+    or a kernel thread (their I/O work for everyone's files is not the sweep's)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    if fields[1] in ("0", "2"):  # parent: kthreadd
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[19]), cmd
+
+
+def _role(pid: str, driver: int, cmd: str) -> str:
+    """``driver``, ``trials``, ``ray`` (Ray's own) or ``other``, for process ``pid`` running ``cmd``."""
+    if int(pid) == driver:
+        return "driver"
+    if cmd.startswith("ray::ImplicitFunc"):
+        return "trials"
+    return "ray" if any(k in cmd for k in _RAY_OWN) else "other"
+
+
+def _cpu_by_role(proc: subprocess.Popen) -> dict[str, float]:
+    """Wait for ``proc`` (the sweep's driver); CPU seconds of the processes started since, by role."""
+    first = _proc_stat(str(proc.pid))
+    since = first[1] if first else 0
+    last: dict[str, tuple[str, float, str]] = {}
+    while proc.poll() is None:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            stat = _proc_stat(pid)
+            if stat is None or stat[1] < since:
+                continue
+            # a worker's command line turns into ray::ImplicitFunc once it holds a trial: a trial
+            # process from then on, its start-up included; an exiting one's reads empty
+            seen = last.get(pid)
+            keep = seen is not None and (seen[0] == "trials" or not stat[2])
+            role = seen[0] if keep else _role(pid, proc.pid, stat[2])
+            last[pid] = (role, stat[0], stat[2])
+        time.sleep(0.1)
+    totals = {"driver": 0.0, "trials": 0.0, "ray": 0.0, "other": 0.0}
+    for role, cpu, _ in last.values():
+        totals[role] += cpu
+    return totals
 
 
 def one_repeat(args, settings, root: Path, repeat: int) -> dict:
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.concurrency) as pool:
-        pool_times = list(pool.map(_plain_trial, [settings] * args.trials))
+        pool_runs = list(pool.map(_plain_trial, [settings] * args.trials))
     plain = time.perf_counter() - t0
     # The pool's trial times leave out its workers' imports (counted in its wall, i.e. its fixed cost).
-    pool_trial = statistics.median(pool_times)
+    pool_trial = statistics.median(w for w, _ in pool_runs)
+    pool_cpu = sum(c for _, c in pool_runs)
     out = _measure(args, plain, pool_trial, *_sweep_child(args, root, repeat, None, ""))
     if args.without_models:
         out["no_models"] = _measure(args, plain, pool_trial, *_sweep_child(args, root, repeat, None, "nomodels", True))
     if args.compare_with:
         out["other"] = _measure(args, plain, pool_trial, *_sweep_child(args, root, repeat, args.compare_with, "other"))
+    out["pool_trials_cpu"] = pool_cpu
     return out
 
 
@@ -140,7 +209,8 @@ def _measure(args, plain: float, pool_trial: float, sweep: float, rec: dict) -> 
     overlapping = {"ray_start", "ray_stop"} if "ray_stop_wait" in parts else {"ray_start"}
     fixed = sweep - waves * sweep_trial
     parts["rest"] = fixed - sum(v for k, v in parts.items() if k not in overlapping)
-    return {"plain": plain, "sweep": sweep, "ratio": sweep / plain, "pool_trial": pool_trial,
+    cpu = rec.get("cpu", {})
+    return {"cpu": cpu, "plain": plain, "sweep": sweep, "ratio": sweep / plain, "pool_trial": pool_trial,
             "sweep_trial": sweep_trial, "trial_ratio": sweep_trial / pool_trial,
             "pool_fixed": plain - waves * pool_trial, "fixed": fixed, "parts": parts,
             "first_trials": rec["trials"][:args.concurrency], "finished": rec["finished"]}
@@ -165,6 +235,12 @@ def report(args, results: list[dict], loads: tuple) -> None:
           "ray_stop runs beside the front where ray_stop_wait is given, what the driver waited for it then):")
     for part in results[0]["parts"]:
         print(f"  {part:30s} {_mmm([r['parts'][part] for r in results])}")
+    print("CPU seconds, whole run (the sweep's trial processes include each worker's start-up; the pool's"
+          " trials do not):")
+    print(f"  {'plain pool: the trials':30s} {_mmm([r['pool_trials_cpu'] for r in results])}")
+    for role, label in (("trials", "the trial processes"), ("driver", "the driver"), ("ray", "Ray's own processes"),
+                        ("other", "other new processes")):
+        print(f"  {'sweep: ' + label:30s} {_mmm([r['cpu'].get(role, 0.0) for r in results])}")
     print("first trial on each worker (s):", [[round(x, 1) for x in r["first_trials"]] for r in results])
     print("trials finished per sweep:", [r["finished"] for r in results])
     if "no_models" in results[0]:
