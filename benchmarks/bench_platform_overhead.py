@@ -156,7 +156,7 @@ def _cpu_by_role(proc: subprocess.Popen) -> dict[str, float]:
     """Wait for ``proc`` (the sweep's driver); CPU seconds of the processes started since, by role."""
     first = _proc_stat(str(proc.pid))
     since = first[1] if first else 0
-    last: dict[str, tuple[str, float, str]] = {}
+    last: dict[str, tuple[str, float]] = {}  # pid -> (role, CPU seconds at its last reading)
     while proc.poll() is None:
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
@@ -169,10 +169,10 @@ def _cpu_by_role(proc: subprocess.Popen) -> dict[str, float]:
             seen = last.get(pid)
             keep = seen is not None and (seen[0] == "trials" or not stat[2])
             role = seen[0] if keep else _role(pid, proc.pid, stat[2])
-            last[pid] = (role, stat[0], stat[2])
+            last[pid] = (role, stat[0])
         time.sleep(0.1)
     totals = {"driver": 0.0, "trials": 0.0, "ray": 0.0, "other": 0.0}
-    for role, cpu, _ in last.values():
+    for role, cpu in last.values():
         totals[role] += cpu
     return totals
 
@@ -209,8 +209,7 @@ def _measure(args, plain: float, pool_trial: float, sweep: float, rec: dict) -> 
     overlapping = {"ray_start", "ray_stop"} if "ray_stop_wait" in parts else {"ray_start"}
     fixed = sweep - waves * sweep_trial
     parts["rest"] = fixed - sum(v for k, v in parts.items() if k not in overlapping)
-    cpu = rec.get("cpu", {})
-    return {"cpu": cpu, "plain": plain, "sweep": sweep, "ratio": sweep / plain, "pool_trial": pool_trial,
+    return {"cpu": rec["cpu"], "plain": plain, "sweep": sweep, "ratio": sweep / plain, "pool_trial": pool_trial,
             "sweep_trial": sweep_trial, "trial_ratio": sweep_trial / pool_trial,
             "pool_fixed": plain - waves * pool_trial, "fixed": fixed, "parts": parts,
             "first_trials": rec["trials"][:args.concurrency], "finished": rec["finished"]}
